@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` only), shipped as ``posenc_triton.kernels``. One file per family."""

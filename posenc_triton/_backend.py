@@ -1,0 +1,47 @@
+"""Where a call runs: the Triton kernels (CUDA, or the interpreter on CPU) or the reference.
+
+Triton is imported lazily so the package imports on machines without it (macOS, Windows):
+there CPU tensors run the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` runs the Triton kernels rather than the reference."""
+    if not triton_available():
+        return False
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and interpreting()
+
+
+def launcher(kernel):
+    """``kernel`` as a launchable for a ``torch.library.triton_op`` body.
+
+    ``wrap_triton`` makes the launch visible to ``torch.compile``; it refuses interpreted
+    kernels, which the interpreter path launches directly.
+    """
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
