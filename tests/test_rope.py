@@ -1,0 +1,297 @@
+"""apply_rope / RotaryEmbedding against the float64 reference, forward and backward."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, assert_close, poison, requires_cuda
+
+import posenc_triton
+from posenc_triton import reference
+from posenc_triton.rope import rope_forward
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tables(rotary_dim, length=128, base=10000.0, device=DEVICE):
+    inv_freq, scaling = posenc_triton.rope_frequencies(rotary_dim, base, device=device)
+    return posenc_triton.rope_cos_sin(length, inv_freq, scaling)
+
+
+def make(shape, dtype, layout="bshd", requires_grad=True):
+    """Random ``[B, S, H, D]`` given as ``shape``, returned in ``layout`` (a transposed view)."""
+    t = torch.randn(shape, device=DEVICE, dtype=dtype)
+    if layout == "bhsd":
+        t = t.transpose(1, 2).contiguous()
+    return t.requires_grad_(requires_grad)
+
+
+def check(q, k, cos, sin, grads=True, **kwargs):
+    """Forward and backward of apply_rope against the float64 reference."""
+    q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, **kwargs)
+    q64 = q.detach().double().requires_grad_()
+    k64 = None if k is None else k.detach().double().requires_grad_()
+    q_ref, k_ref = reference.apply_rope_reference(q64, k64, cos, sin, **kwargs)
+    assert q_out.shape == q.shape and q_out.dtype == q.dtype
+    assert_close(q_out, q_ref)
+    if k is None:
+        assert k_out is None
+    else:
+        assert k_out.shape == k.shape
+        assert_close(k_out, k_ref)
+    if not grads:
+        return q_out, k_out
+    outs = [q_out] if k is None else [q_out, k_out]
+    refs = [q_ref] if k is None else [q_ref, k_ref]
+    ins = [q] if k is None else [q, k]
+    ins64 = [q64] if k is None else [q64, k64]
+    g = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, ins, g)
+    want = torch.autograd.grad(refs, ins64, [x.double() for x in g])
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert_close(a, b, q.dtype)
+    return q_out, k_out
+
+
+# (B, S, Hq, Hk, D, R): odd lengths, non-power-of-two heads and head dims, partial rotary, GQA.
+SHAPES = [
+    (2, 37, 5, 5, 80, 80),
+    (1, 19, 4, 1, 96, 48),
+    (2, 8, 3, 2, 64, 32),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(shape, layout, interleaved, dtype):
+    b, s, hq, hk, d, r = shape
+    cos, sin = tables(r)
+    q = make((b, s, hq, d), dtype, layout)
+    k = make((b, s, hk, d), dtype, layout)
+    check(q, k, cos, sin, interleaved=interleaved, layout=layout)
+
+
+@pytest.mark.parametrize("pos_shape", ["S", "BS"])
+@pytest.mark.parametrize("offsets", ["int", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_positions_and_offsets(pos_shape, offsets, dtype):
+    b, s, hq, hk, d = 3, 11, 4, 2, 64
+    cos, sin = tables(d, length=64)
+    size = (s,) if pos_shape == "S" else (b, s)
+    position_ids = torch.randint(0, 40, size, device=DEVICE)
+    seqlen_offsets = 7 if offsets == "int" else torch.tensor([0, 5, 23], device=DEVICE)
+    q, k = make((b, s, hq, d), dtype), make((b, s, hk, d), dtype)
+    check(q, k, cos, sin, position_ids=position_ids, seqlen_offsets=seqlen_offsets)
+
+
+def test_offsets_without_position_ids_decode():
+    # KV-cache decode: one token per sequence at a different position per batch row.
+    b, hq, hk, d = 4, 6, 2, 64
+    cos, sin = tables(d, length=64)
+    q, k = make((b, 1, hq, d), torch.float16), make((b, 1, hk, d), torch.float16)
+    check(q, k, cos, sin, seqlen_offsets=torch.tensor([0, 9, 31, 63], device=DEVICE))
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_strided_views_of_fused_qkv(layout):
+    # q and k are slices of one projection: non-contiguous, never copied.
+    b, s, hq, hk, d = 2, 13, 4, 2, 64
+    qkv = torch.randn(b, s, hq + 2 * hk, d, device=DEVICE, dtype=torch.bfloat16)
+    if layout == "bhsd":
+        qkv = qkv.transpose(1, 2)
+        q, k = qkv[:, :hq], qkv[:, hq:hq + hk]
+    else:
+        q, k = qkv[:, :, :hq], qkv[:, :, hq:hq + hk]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    before = qkv.clone()
+    cos, sin = tables(d)
+    check(q.requires_grad_(), k.requires_grad_(), cos, sin, layout=layout)
+    assert torch.equal(qkv, before), "inputs must not be modified"
+
+
+def test_q_alone():
+    cos, sin = tables(32)
+    check(make((2, 9, 3, 32), torch.float32), None, cos, sin, interleaved=True)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_inplace(interleaved):
+    b, s, hq, hk, d, r = 2, 10, 3, 1, 48, 32
+    cos, sin = tables(r)
+    q, k = make((b, s, hq, d), torch.float16, requires_grad=False), make(
+        (b, s, hk, d), torch.float16, requires_grad=False)
+    q_ref, k_ref = reference.apply_rope_reference(q.double(), k.double(), cos, sin,
+                                                  interleaved=interleaved)
+    q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, interleaved=interleaved,
+                                            inplace=True)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    assert_close(q, q_ref)
+    assert_close(k, k_ref)
+
+
+def test_inplace_backward():
+    cos, sin = tables(32)
+    x = make((2, 7, 3, 32), torch.float32)
+    q, k = x * 1.0, x[:, :, :1] * 2.0  # non-leaf tensors may be rotated in place
+    q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, inplace=True)
+    (grad,) = torch.autograd.grad((q_out.sum() + k_out.square().sum()), x)
+    x64 = x.detach().double().requires_grad_()
+    q_ref, k_ref = reference.apply_rope_reference(x64 * 1.0, x64[:, :, :1] * 2.0, cos, sin)
+    (want,) = torch.autograd.grad(q_ref.sum() + k_ref.square().sum(), x64)
+    assert_close(grad, want)
+
+
+def test_expanded_gradient():
+    # .sum() hands backward a stride-0 gradient: the kernel must read it through its strides.
+    cos, sin = tables(64)
+    q = make((2, 5, 3, 64), torch.float32)
+    q_out, _ = posenc_triton.apply_rope(q, None, cos, sin)
+    (dq,) = torch.autograd.grad(q_out.sum(), q)
+    q64 = q.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.apply_rope_reference(q64, None, cos, sin)[0].sum(), q64)
+    assert_close(dq, want)
+
+
+def test_launcher_writes_every_element():
+    # Poisoned outputs: any element the kernel leaves unwritten (tail included) stays NaN.
+    b, s, hq, hk, d, r = 2, 9, 3, 2, 80, 48
+    cos, sin = tables(r)
+    q, k = make((b, s, hq, d), torch.float32, requires_grad=False), make(
+        (b, s, hk, d), torch.float32, requires_grad=False)
+    q_out, k_out = poison(torch.empty_like(q)), poison(torch.empty_like(k))
+    rope_forward(q_out, k_out, q, k, cos, sin, None, None, 0, False, False)
+    q_ref, k_ref = reference.apply_rope_reference(q.double(), k.double(), cos, sin)
+    assert_close(q_out, q_ref)
+    assert_close(k_out, k_ref)
+
+
+def test_position_past_table_reads_nan_in_kernel():
+    # Where validation cannot sync (compile, graph capture) the kernel must not read past
+    # the table: such positions give NaN, never another row's value.
+    cos, sin = tables(32, length=16)
+    q = make((1, 4, 2, 32), torch.float32, requires_grad=False)
+    q_out = torch.zeros_like(q)
+    pos = torch.tensor([[0, 15, 16, 1000]], device=DEVICE)
+    rope_forward(q_out, None, q, None, cos, sin, pos, None, 0, False, False)
+    assert torch.isfinite(q_out[:, :2]).all()
+    assert torch.isnan(q_out[:, 2:]).all()
+
+
+def test_rotary_embedding_module():
+    d, r = 64, 32
+    rope = posenc_triton.RotaryEmbedding(d, rotary_dim=r, max_seq_len=16).to(DEVICE)
+    q, k = make((2, 12, 4, d), torch.float32), make((2, 12, 2, d), torch.float32)
+    cos, sin = tables(r, length=64)
+    q_out, k_out = rope(q, k, offset=20)  # past max_seq_len: the cache grows
+    assert rope.cos_cached.shape[0] >= 32
+    q_ref, k_ref = reference.apply_rope_reference(q.double(), k.double(), cos, sin,
+                                                  seqlen_offsets=20)
+    assert_close(q_out, q_ref)
+    assert_close(k_out, k_ref)
+    pos = torch.tensor([3, 99], device=DEVICE).repeat_interleave(6).view(2, 6)
+    q_out, _ = rope(q[:, :6], None, position_ids=pos)
+    cos, sin = tables(r, length=128)
+    q_ref, _ = reference.apply_rope_reference(q[:, :6].double(), None, cos, sin, position_ids=pos)
+    assert_close(q_out, q_ref)
+
+
+def test_matches_transformers_rotation():
+    pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+
+    b, s, h, d = 2, 10, 4, 64
+    cos, sin = tables(d, length=s)
+    q, k = (torch.randn(b, h, s, d, device=DEVICE) for _ in range(2))
+    hf_cos, hf_sin = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
+    q_hf, k_hf = modeling_llama.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, layout="bhsd")
+    torch.testing.assert_close(q_out, q_hf)
+    torch.testing.assert_close(k_out, k_hf)
+
+
+ERRORS = [
+    (dict(q=torch.randn(2, 3, 4)), ValueError, "q must be 4-D"),
+    (dict(q=torch.ones(1, 2, 2, 8, dtype=torch.int32)), TypeError, "q must have dtype"),
+    (dict(k=torch.randn(1, 2, 2, 8, dtype=torch.float16)), TypeError, "k must have q's dtype"),
+    (dict(k=torch.randn(1, 3, 2, 8)), ValueError, "k .* must match q"),
+    (dict(k=torch.randn(1, 2, 2, 6)), ValueError, "k .* must match q"),
+    (dict(cos=torch.randn(16, 6), sin=torch.randn(16, 6)), ValueError, "rotary width R = 12"),
+    (dict(sin=torch.randn(16, 2)), ValueError, "cos .* and sin .* must have one shape"),
+    (dict(cos=torch.ones(16, 4, dtype=torch.int64)), TypeError, "cos must have dtype"),
+    (dict(position_ids=torch.zeros(2, dtype=torch.float32)), TypeError, "position_ids"),
+    (dict(position_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "position_ids must be"),
+    (dict(position_ids=torch.tensor([0, 16])), ValueError, "outside the cos/sin table"),
+    (dict(position_ids=torch.tensor([-1, 0])), ValueError, "outside the cos/sin table"),
+    (dict(seqlen_offsets=15), ValueError, "outside the cos/sin table"),
+    (dict(seqlen_offsets=torch.tensor([1, 2])), ValueError, r"seqlen_offsets must be .*\[B\]"),
+    (dict(seqlen_offsets=1.5), TypeError, "seqlen_offsets must be an int"),
+    (dict(layout="sbhd"), ValueError, "layout must be one of"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", ERRORS, ids=[e[2] for e in ERRORS])
+def test_errors(override, exc, match):
+    args = dict(q=torch.randn(1, 2, 2, 8), k=torch.randn(1, 2, 1, 8),
+                cos=torch.randn(16, 4), sin=torch.randn(16, 4))
+    args.update(override)
+    q, k, cos, sin = (args.pop(n) for n in ("q", "k", "cos", "sin"))
+    with pytest.raises(exc, match=match):
+        posenc_triton.apply_rope(q.to(DEVICE), k.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE),
+                                 **{n: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                                    for n, v in args.items()})
+
+
+@requires_cuda
+def test_mixed_devices():
+    cos, sin = tables(8, device="cpu")
+    q = torch.randn(1, 2, 2, 8, device="cuda")
+    with pytest.raises(ValueError, match="cos must be on q's device"):
+        posenc_triton.apply_rope(q, None, cos, sin)
+
+
+# ---- GPU: real shapes, torch.compile, CUDA graphs ---------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("hk", [8, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_real_shape(hk, dtype):
+    cos, sin = tables(128, length=4096)
+    q, k = make((8, 4096, 32, 128), dtype), make((8, 4096, hk, 128), dtype)
+    check(q, k, cos, sin)
+
+
+@requires_cuda
+def test_cuda_torch_compile_fullgraph():
+    cos, sin = tables(64, length=256)
+    q, k = make((2, 100, 6, 96), torch.bfloat16), make((2, 100, 2, 96), torch.bfloat16)
+    pos = torch.randint(0, 200, (2, 100), device=DEVICE)
+
+    def step(q, k):
+        q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, position_ids=pos)
+        return (q_out.float().square().sum() + k_out.float().sum())
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k), (q, k))
+    want = torch.autograd.grad(step(q, k), (q, k))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    cos, sin = tables(128, length=64)
+    q, k = make((4, 1, 32, 128), torch.bfloat16, requires_grad=False), make(
+        (4, 1, 8, 128), torch.bfloat16, requires_grad=False)
+    offsets = torch.tensor([1, 5, 9, 60], device=DEVICE)
+    posenc_triton.apply_rope(q, k, cos, sin, seqlen_offsets=offsets)  # compile outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, seqlen_offsets=offsets)
+    graph.replay()
+    torch.cuda.synchronize()
+    q_ref, k_ref = reference.apply_rope_reference(q.double(), k.double(), cos, sin,
+                                                  seqlen_offsets=offsets)
+    assert_close(q_out, q_ref)
+    assert_close(k_out, k_ref)
