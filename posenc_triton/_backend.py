@@ -6,11 +6,12 @@ there CPU tensors run the pure-PyTorch reference.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -18,9 +19,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -36,11 +36,26 @@ def launcher(kernel):
     """``kernel`` as a launchable for a ``torch.library.triton_op`` body.
 
     ``wrap_triton`` makes the launch visible to ``torch.compile``; it refuses interpreted
-    kernels, which the interpreter path launches directly.
+    kernels, which the interpreter path launches directly. While ``torch.compile`` traces
+    on CPU (fake tensors, shapes only) an interpreted launch has nothing to compute.
     """
-    if interpreting():
-        return kernel
-    return torch.library.wrap_triton(kernel)
+    if not interpreting():
+        return torch.library.wrap_triton(kernel)
+    return _Interpreted(kernel)
+
+
+class _Interpreted:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+
+            if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+                self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def next_power_of_2(n: int) -> int:

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from posenc_triton import reference
-from posenc_triton._backend import cdiv, interpreting, launcher, next_power_of_2, use_triton
+from posenc_triton._backend import cdiv, launcher, next_power_of_2, use_triton
 from posenc_triton.rope_scaling import rope_cos_sin, rope_frequencies
 
 __all__ = ["RotaryEmbedding", "apply_rope", "rope_cos_sin", "rope_forward", "rope_frequencies"]
@@ -53,11 +53,13 @@ def rope_forward(
 
     ``q=None`` (``k=None``) rotates ``q_out`` (``k_out``) in place. ``position_ids`` is
     ``[B, S]`` (stride 0 allowed), ``seqlen_offsets`` ``[B]`` or None (then ``offset``).
-    ``wrap`` launches through ``wrap_triton`` so ``torch.compile`` sees the kernel.
+    ``wrap`` launches through :func:`launcher` (``wrap_triton``) so ``torch.compile`` sees the
+    kernel.
     """
     from posenc_triton.kernels.rope import _rope_kernel
 
-    q = q_out if q is None else q
+    inplace = q is None
+    q = q_out if inplace else q
     k = k_out if k is None else k
     batch, seqlen, hq, dim = q.shape
     hk = 0 if k is None else k.shape[2]
@@ -67,7 +69,7 @@ def rope_forward(
     if k is None:  # no k heads are launched; any valid pointer and strides will do
         k = k_out = q
     block_s, block_h, block_r = _tile(seqlen, max(hq, hk), half)
-    copy_tail = 2 * half < dim and q.data_ptr() != q_out.data_ptr()
+    copy_tail = 2 * half < dim and not inplace
     has_pos = position_ids is not None
     pos = position_ids if has_pos else cos  # unused pointer when has_pos is False
     pos_strides = position_ids.stride() if has_pos else (0, 0)
@@ -103,7 +105,7 @@ def _rope_op(
     conjugate: bool,
 ) -> None:
     rope_forward(q_out, k_out, q, k, cos, sin, position_ids, seqlen_offsets, offset,
-                 interleaved, conjugate, wrap=not interpreting())
+                 interleaved, conjugate, wrap=True)
 
 
 def _rope(*args) -> None:

@@ -250,6 +250,24 @@ def test_mixed_devices():
         posenc_triton.apply_rope(q, None, cos, sin)
 
 
+def test_torch_compile_traces_whole_graph():
+    # Dynamo must trace validation, autograd and the op without a graph break. (Under the
+    # interpreter only the "eager" backend can run the graph; CUDA also runs Inductor below.)
+    torch._dynamo.reset()
+    cos, sin = tables(32)
+    q, k = make((2, 6, 3, 32), torch.float32), make((2, 6, 1, 32), torch.float32)
+    pos = torch.randint(0, 100, (2, 6), device=DEVICE)
+
+    def step(q, k):
+        q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, position_ids=pos)
+        return q_out.square().sum() + k_out.sum()
+
+    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="eager")(q, k), (q, k))
+    want = torch.autograd.grad(step(q, k), (q, k))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 # ---- GPU: real shapes, torch.compile, CUDA graphs ---------------------------------------
 
 
