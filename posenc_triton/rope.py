@@ -225,18 +225,19 @@ def _check_positions(seqlen, table, position_ids, seqlen_offsets):
     allowed (``torch.compile``, CUDA-graph capture), and there the kernel reads NaN for a
     position past the table instead of memory it does not own.
     """
-    if seqlen == 0:
-        return
     tensors = [t for t in (position_ids, seqlen_offsets) if isinstance(t, torch.Tensor)]
+    if seqlen == 0 or any(t.numel() == 0 for t in tensors):  # no tokens
+        return
     if tensors and (torch.compiler.is_compiling() or (
             tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())):
         return
-    lo, hi = (0, seqlen - 1) if position_ids is None else (
-        int(position_ids.min()), int(position_ids.max()))
-    if isinstance(seqlen_offsets, torch.Tensor):
-        lo, hi = lo + int(seqlen_offsets.min()), hi + int(seqlen_offsets.max())
-    else:
-        lo, hi = lo + seqlen_offsets, hi + seqlen_offsets
+    # One sync for all tensor bounds: [min, max] of each tensor, read in a single transfer.
+    bounds = iter(torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64)
+                               for t in tensors]).tolist()) if tensors else iter(())
+    lo, hi = (0, seqlen - 1) if position_ids is None else next(bounds)
+    off_lo, off_hi = next(bounds) if isinstance(seqlen_offsets, torch.Tensor) else (
+        seqlen_offsets, seqlen_offsets)
+    lo, hi = lo + off_lo, hi + off_hi
     if lo < 0 or hi >= table:
         raise ValueError(
             f"positions (position_ids + seqlen_offsets) span [{lo}, {hi}], outside the cos/sin "

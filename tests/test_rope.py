@@ -130,6 +130,17 @@ def test_inplace(interleaved):
     assert_close(k, k_ref)
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 2, 32), (2, 0, 2, 32), (2, 4, 0, 32)], ids=str)
+def test_empty_inputs(shape):
+    cos, sin = tables(32, length=8)
+    q = make(shape, torch.float16)
+    offsets = torch.zeros(shape[0], dtype=torch.int64, device=DEVICE)
+    q_out, k_out = posenc_triton.apply_rope(q, q * 2, cos, sin, seqlen_offsets=offsets)
+    assert q_out.shape == k_out.shape == q.shape
+    (dq,) = torch.autograd.grad(q_out.sum() + k_out.sum(), q)
+    assert dq.shape == q.shape
+
+
 def test_inplace_backward():
     cos, sin = tables(32)
     x = make((2, 7, 3, 32), torch.float32)
