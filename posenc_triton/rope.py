@@ -311,7 +311,9 @@ class RotaryEmbedding(torch.nn.Module):
     """RoPE for attention heads: owns the frequencies and a cos/sin cache that grows on demand.
 
     ``forward(q, k=None, position_ids=None, offset=0)`` returns ``(q_out, k_out)`` like
-    :func:`apply_rope` (``layout`` picks ``"bshd"`` or ``"bhsd"``).
+    :func:`apply_rope` (``layout`` picks ``"bshd"`` or ``"bhsd"``). With ``dynamic`` or
+    ``longrope`` scaling the frequencies depend on the sequence length: they are rebuilt for
+    the longest sequence seen so far, as Hugging Face's dynamic update does when it grows.
     """
 
     def __init__(self, head_dim: int, rotary_dim: Optional[int] = None, base: float = 10000.0,
@@ -328,13 +330,17 @@ class RotaryEmbedding(torch.nn.Module):
         self.head_dim, self.rotary_dim, self.base = head_dim, rotary_dim, base
         self.max_seq_len, self.scaling = max_seq_len, scaling
         self.interleaved, self.layout = interleaved, layout
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        self._length_dependent = rope_type in ("dynamic", "longrope")
         self._build(max_seq_len, device)
 
     def _build(self, seq_len: int, device) -> None:
+        """Frequencies for sequences of ``seq_len`` tokens, cos/sin for a power of two >= it."""
         inv_freq, attention_scaling = rope_frequencies(
             self.rotary_dim, self.base, self.scaling, device=device,
             max_position_embeddings=self.max_seq_len, seq_len=seq_len)
-        cos, sin = rope_cos_sin(seq_len, inv_freq, attention_scaling)
+        cos, sin = rope_cos_sin(next_power_of_2(seq_len), inv_freq, attention_scaling)
+        self._freq_seq_len = seq_len
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
@@ -346,8 +352,9 @@ class RotaryEmbedding(torch.nn.Module):
         else:  # a host sync, as in Hugging Face's dynamic RoPE
             pos = reference.rope_positions(q.shape[0], seqlen, position_ids, offset, q.device)
             needed = int(pos.max()) + 1 if pos.numel() else 0
-        if needed > self.cos_cached.shape[0]:
-            self._build(next_power_of_2(needed), self.cos_cached.device)
+        if needed > self.cos_cached.shape[0] or (
+                self._length_dependent and needed > self._freq_seq_len):
+            self._build(needed, self.cos_cached.device)
         return apply_rope(q, k, self.cos_cached, self.sin_cached, position_ids=position_ids,
                           seqlen_offsets=offset, interleaved=self.interleaved,
                           layout=self.layout)

@@ -207,6 +207,18 @@ def test_rotary_embedding_module():
     assert_close(q_out, q_ref)
 
 
+def test_rotary_embedding_dynamic_scaling_follows_length():
+    scaling = {"rope_type": "dynamic", "factor": 2.0}
+    rope = posenc_triton.RotaryEmbedding(32, max_seq_len=16, scaling=scaling).to(DEVICE)
+    q = make((1, 40, 2, 32), torch.float32, requires_grad=False)
+    q_out, _ = rope(q)
+    inv_freq, _ = posenc_triton.rope_frequencies(32, scaling=scaling, device=DEVICE,
+                                                 max_position_embeddings=16, seq_len=40)
+    assert not torch.equal(inv_freq, posenc_triton.rope_frequencies(32, device=DEVICE)[0])
+    cos, sin = posenc_triton.rope_cos_sin(40, inv_freq)
+    assert_close(q_out, reference.apply_rope_reference(q.double(), None, cos, sin)[0])
+
+
 def test_matches_transformers_rotation():
     pytest.importorskip("transformers")
     from transformers.models.llama import modeling_llama
