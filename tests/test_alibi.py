@@ -1,0 +1,379 @@
+"""ALiBi attention against the float64 reference, forward and backward.
+
+On CPU the kernels run in Triton's interpreter (tiny shapes, 16 x 16 tiles, so the odd lengths
+below cross block edges); on CUDA the same tests run, plus real shapes and torch.compile.
+Error rule for fp16/bf16 (flash-attn's): ``max|kernel - ref64| <= 2 * max|ref_same_dtype -
+ref64| + atol``; fp32 uses the tolerance table.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, TOLERANCES, assert_close, requires_cuda
+
+import posenc_triton
+from posenc_triton import _backend
+from posenc_triton.alibi import alibi_attention, alibi_slopes
+from posenc_triton.reference import alibi_attention_reference
+
+FP32_BWD_ATOL = 5e-5  # backward sums more products than forward; still IEEE fp32
+
+
+def _randn(*shape, dtype, device=DEVICE):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _make_qkv(b, hq, hk, sq, sk, d, dtype, layout="bhsd"):
+    if layout == "bhsd":
+        shapes = ((b, hq, sq, d), (b, hk, sk, d), (b, hk, sk, d))
+    else:
+        shapes = ((b, sq, hq, d), (b, sk, hk, d), (b, sk, hk, d))
+    return [_randn(*s, dtype=dtype) for s in shapes]
+
+
+def _fwd_bwd(fn, inputs, grad_out=None):
+    """``fn(*inputs)`` and the gradients of ``<out, grad_out>`` w.r.t. ``inputs``."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out.detach(), grads, grad_out
+
+
+def _check_error_rule(name, actual, ref64, ref_same, dtype, atol=None):
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    assert not torch.isnan(actual).any(), f"{name} has NaN"
+    if dtype == torch.float32:
+        rtol, default_atol = TOLERANCES[dtype]
+        torch.testing.assert_close(actual.double(), ref64, rtol=rtol,
+                                   atol=atol or default_atol, msg=lambda m: f"{name}: {m}")
+        return
+    err = (actual.double() - ref64).abs().max().item()
+    base = (ref_same.double() - ref64).abs().max().item()
+    assert err <= 2 * base + TOLERANCES[dtype][1], (
+        f"{name}: max error {err:.3g} > 2 x same-dtype reference error {base:.3g} + atol")
+
+
+def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd"):
+    """Kernel vs float64 reference (and the same-dtype reference for fp16/bf16)."""
+    dtype = inputs[0].dtype
+    kwargs = dict(is_causal=is_causal, scale=scale, layout=layout)
+    originals = [t.clone() for t in inputs]
+    out, grads, grad_out = _fwd_bwd(lambda *t: alibi_attention(*t, slopes, **kwargs), inputs)
+    for t, orig in zip(inputs, originals):
+        assert torch.equal(t, orig), "an input was modified"
+
+    ref64, grads64, _ = _fwd_bwd(
+        lambda *t: alibi_attention_reference(*t, slopes, **kwargs),
+        [t.double() for t in inputs], grad_out.double())
+    ref_same, grads_same = ref64, grads64
+    if dtype != torch.float32:
+        ref_same, grads_same, _ = _fwd_bwd(
+            lambda *t: alibi_attention_reference(*t, slopes, upcast=False, **kwargs),
+            inputs, grad_out)
+    _check_error_rule("out", out, ref64, ref_same, dtype)
+    for name, g, g64, gs in zip(("dq", "dk", "dv"), grads, grads64, grads_same):
+        _check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
+    return out, grads
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels against the reference
+# ------------------------------------------------------------------------------------------
+
+SEQLENS = [(37, 37), (19, 37), (37, 19)]  # Sq == Sk, Sq < Sk, Sq > Sk (empty causal rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", SEQLENS)
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_matches_reference(is_causal, seqlen_q, seqlen_k, dtype):
+    torch.manual_seed(0)
+    inputs = _make_qkv(2, 4, 2, seqlen_q, seqlen_k, 32, dtype)  # GQA, group of 2
+    out, (dq, _, _) = _check(inputs, is_causal=is_causal)
+    if is_causal and seqlen_q > seqlen_k:
+        empty = seqlen_q - seqlen_k  # query rows before the first key see nothing
+        assert torch.equal(out[:, :, :empty], torch.zeros_like(out[:, :, :empty]))
+        assert torch.equal(dq[:, :, :empty], torch.zeros_like(dq[:, :, :empty]))
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 50), (40, 3), (5, 1), (16, 48), (48, 16)])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_extreme_lengths(is_causal, seqlen_q, seqlen_k):
+    """Decode (Sq = 1), whole blocks of empty causal rows, exact block multiples."""
+    torch.manual_seed(12)
+    _check(_make_qkv(1, 2, 1, seqlen_q, seqlen_k, 16, torch.float32), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 64, 80, 96, 128])
+def test_head_dims(head_dim):
+    torch.manual_seed(1)
+    _check(_make_qkv(1, 2, 2, 33, 33, head_dim, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_head_dim_256(dtype):
+    torch.manual_seed(2)
+    _check(_make_qkv(1, 2, 1, 20, 24, 256, dtype), is_causal=dtype == torch.float16)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_mqa(is_causal):
+    torch.manual_seed(3)
+    _check(_make_qkv(2, 4, 1, 23, 29, 16, torch.float16), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_custom_slopes_and_scale(per_batch):
+    torch.manual_seed(4)
+    shape = (2, 3) if per_batch else (3,)
+    slopes = torch.rand(shape, device=DEVICE) * 0.5 + 0.01
+    _check(_make_qkv(2, 3, 3, 21, 21, 16, torch.float32), slopes, is_causal=False, scale=0.3)
+    _check(_make_qkv(2, 3, 3, 21, 21, 16, torch.bfloat16), slopes, scale=0.3)
+
+
+def test_strided_slopes():
+    torch.manual_seed(5)
+    slopes = (torch.rand(2, 8, device=DEVICE) + 0.01)[:, ::2]  # not contiguous
+    _check(_make_qkv(2, 4, 4, 17, 17, 16, torch.float32), slopes)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_views(layout, dtype):
+    """q, k, v sliced from one projection output: no copies, gradient into the fused tensor."""
+    torch.manual_seed(6)
+    b, s, h, d = 2, 27, 2, 24
+    qkv = _randn(b, s, 3, h, d, dtype=dtype)
+
+    def split(t):
+        q, k, v = t.unbind(2)  # [B, S, H, D], non-contiguous
+        return [x.transpose(1, 2) for x in (q, k, v)] if layout == "bhsd" else [q, k, v]
+
+    out, (grad,), grad_out = _fwd_bwd(
+        lambda t: alibi_attention(*split(t), layout=layout), [qkv])
+    if _backend.use_triton(out):  # the kernels allocate in the caller's layout
+        assert out.is_contiguous()
+    ref64, (grad64,), _ = _fwd_bwd(
+        lambda t: alibi_attention_reference(*split(t), layout=layout),
+        [qkv.double()], grad_out.double())
+    ref_same, (grad_same,), _ = _fwd_bwd(
+        lambda t: alibi_attention_reference(*split(t), layout=layout, upcast=False),
+        [qkv], grad_out)
+    _check_error_rule("out", out, ref64, ref_same, dtype)
+    _check_error_rule("dqkv", grad, grad64, grad_same, dtype, atol=FP32_BWD_ATOL)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_outputs_contiguous_in_layout(layout):
+    torch.manual_seed(7)
+    inputs = _make_qkv(1, 2, 2, 18, 18, 16, torch.float16, layout)
+    if not _backend.use_triton(inputs[0]):
+        pytest.skip("a property of the kernels, not of the reference")
+    out, grads, _ = _fwd_bwd(lambda *t: alibi_attention(*t, layout=layout), inputs)
+    for t in (out, *grads):
+        assert t.is_contiguous()
+
+
+def test_gqa_backward_deterministic():
+    torch.manual_seed(8)
+    inputs = _make_qkv(1, 4, 1, 19, 35, 16, torch.bfloat16)
+    grad_out = torch.randn(1, 4, 19, 16, dtype=torch.bfloat16, device=DEVICE)
+    first = _fwd_bwd(alibi_attention, inputs, grad_out)[1]
+    second = _fwd_bwd(alibi_attention, inputs, grad_out)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 2, 8, 8), (1, 2, 2, 0, 8), (1, 2, 2, 8, 0),
+                                   (1, 2, 2, 0, 0)])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_empty(shape, is_causal):
+    b, hq, hk, sq, sk = shape
+    inputs = _make_qkv(b, hq, hk, sq, sk, 16, torch.float16)
+    out, grads, _ = _fwd_bwd(lambda *t: alibi_attention(*t, is_causal=is_causal), inputs)
+    assert out.shape == (b, hq, sq, 16)
+    assert torch.equal(out, torch.zeros_like(out))
+    for g, t in zip(grads, inputs):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+
+
+def test_reference_path(monkeypatch):
+    """Where Triton cannot run, CPU tensors get the reference (autograd included)."""
+    monkeypatch.setattr(_backend, "use_triton", lambda t: False)
+    torch.manual_seed(9)
+    inputs = _make_qkv(1, 2, 1, 9, 11, 8, torch.float32, "bshd")
+    out = alibi_attention(*inputs, layout="bshd")
+    assert_close(out, alibi_attention_reference(*[t.double() for t in inputs], layout="bshd"))
+
+
+def test_float64_runs_reference_on_cpu():
+    torch.manual_seed(10)
+    inputs = _make_qkv(1, 2, 2, 9, 9, 8, torch.float64)
+    inputs = [t.cpu() for t in inputs]
+    out = alibi_attention(*inputs)
+    torch.testing.assert_close(out, alibi_attention_reference(*inputs))
+
+
+# ------------------------------------------------------------------------------------------
+# Slopes
+# ------------------------------------------------------------------------------------------
+
+
+def _paper_slopes(n):
+    """Press et al. for powers of two; BLOOM's ``build_alibi_tensor`` rule otherwise."""
+    closest = 2 ** math.floor(math.log2(n))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != n:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, n - closest)
+        slopes += [extra_base ** p for p in range(1, 1 + 2 * remaining, 2)]
+    return slopes
+
+
+@pytest.mark.parametrize("n", range(1, 129))
+def test_slopes_formula(n):
+    slopes = alibi_slopes(n)
+    assert slopes.dtype == torch.float32 and slopes.shape == (n,)
+    expected = torch.tensor(_paper_slopes(n), dtype=torch.float64)
+    torch.testing.assert_close(slopes, expected.float(), rtol=0, atol=0)
+    if n & (n - 1) == 0:  # closed form 2^(-8 i / n)
+        closed = torch.tensor([2.0 ** (-8.0 * i / n) for i in range(1, n + 1)])
+        torch.testing.assert_close(slopes, closed, rtol=1e-7, atol=0)
+    assert posenc_triton.alibi_slopes is alibi_slopes
+
+
+def test_default_slopes_match_explicit():
+    torch.manual_seed(11)
+    inputs = _make_qkv(1, 6, 3, 13, 13, 16, torch.float32)
+    torch.testing.assert_close(alibi_attention(*inputs),
+                               alibi_attention(*inputs, alibi_slopes(6, DEVICE)),
+                               rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Argument errors: the right exception, naming the argument, before any kernel
+# ------------------------------------------------------------------------------------------
+
+
+def _qkv(device="cpu"):
+    return dict(q=_randn(1, 4, 8, 16, dtype=torch.float16, device=device),
+                k=_randn(1, 2, 8, 16, dtype=torch.float16, device=device),
+                v=_randn(1, 2, 8, 16, dtype=torch.float16, device=device))
+
+
+@pytest.mark.parametrize("over,kwargs,exc,match", [
+    (dict(q=_randn(4, 8, 16, dtype=torch.float16, device="cpu")), {}, ValueError, "q must be 4-D"),
+    (dict(k=[1, 2]), {}, TypeError, "k must be a torch.Tensor"),
+    (dict(v=_randn(1, 2, 8, 16, dtype=torch.float32, device="cpu")), {}, TypeError,
+     "v has dtype"),
+    (dict(q=torch.ones(1, 4, 8, 16, dtype=torch.int32)), {}, TypeError, "q must be float16"),
+    (dict(k=_randn(2, 2, 8, 16, dtype=torch.float16, device="cpu"),
+          v=_randn(2, 2, 8, 16, dtype=torch.float16, device="cpu")), {}, ValueError,
+     "k has batch"),
+    (dict(v=_randn(1, 2, 9, 16, dtype=torch.float16, device="cpu")), {}, ValueError,
+     "k and v must have the same shape"),
+    (dict(k=_randn(1, 2, 8, 8, dtype=torch.float16, device="cpu"),
+          v=_randn(1, 2, 8, 8, dtype=torch.float16, device="cpu")), {}, ValueError, "head dim"),
+    (dict(q=_randn(1, 4, 8, 320, dtype=torch.float16, device="cpu"),
+          k=_randn(1, 2, 8, 320, dtype=torch.float16, device="cpu"),
+          v=_randn(1, 2, 8, 320, dtype=torch.float16, device="cpu")), {}, ValueError,
+     "head dim.*256"),
+    (dict(k=_randn(1, 3, 8, 16, dtype=torch.float16, device="cpu"),
+          v=_randn(1, 3, 8, 16, dtype=torch.float16, device="cpu")), {}, ValueError,
+     "multiple of"),
+    ({}, dict(layout="sbhd"), ValueError, "layout"),
+    ({}, dict(slopes=torch.ones(4, dtype=torch.float64)), TypeError, "slopes must be float32"),
+    ({}, dict(slopes=torch.ones(2)), ValueError, r"slopes must have shape \[4\]"),
+    ({}, dict(slopes=torch.ones(3, 4)), ValueError, "slopes must have shape"),
+    ({}, dict(scale=float("nan")), TypeError, "scale"),
+    ({}, dict(scale="0.1"), TypeError, "scale"),
+    ({}, dict(is_causal=None), TypeError, "is_causal"),
+])
+def test_errors(over, kwargs, exc, match):
+    args = {**_qkv(), **over}
+    with pytest.raises(exc, match=match):
+        alibi_attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+def test_slopes_errors():
+    with pytest.raises(ValueError, match="num_heads"):
+        alibi_slopes(0)
+
+
+@requires_cuda
+def test_errors_devices():
+    args = _qkv(DEVICE)
+    with pytest.raises(ValueError, match="k is on"):
+        alibi_attention(args["q"], args["k"].cpu(), args["v"])
+    with pytest.raises(ValueError, match="slopes is on"):
+        alibi_attention(**args, slopes=torch.ones(4))
+    with pytest.raises(TypeError, match="float64"):
+        alibi_attention(*(t.double() for t in args.values()))
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only: real shapes, torch.compile, 64-bit offsets
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_by_head(q, k, v, slopes, is_causal):
+    """fp32 reference one query head at a time (the full bias would not fit at S = 8192)."""
+    group = q.shape[1] // k.shape[1]
+    outs = [alibi_attention_reference(q[:, h:h + 1], k[:, h // group:h // group + 1],
+                                      v[:, h // group:h // group + 1], slopes[h:h + 1],
+                                      is_causal=is_causal)
+            for h in range(q.shape[1])]
+    return torch.cat(outs, dim=1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("seqlen", [1024, 4096, 8192])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_gpu_forward_long(seqlen, is_causal):
+    torch.manual_seed(20)
+    q, k, v = _make_qkv(2, 8, 2, seqlen, seqlen, 128, torch.bfloat16)
+    slopes = alibi_slopes(8, DEVICE)
+    out = alibi_attention(q, k, v, is_causal=is_causal)
+    ref = _reference_by_head(q.float(), k.float(), v.float(), slopes, is_causal)
+    ref_same = _reference_by_head(q, k, v, slopes, is_causal)
+    err = (out.float() - ref).abs().max().item()
+    base = (ref_same.float() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
+
+
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1024, 1024), (1000, 2047), (777, 300)])
+def test_gpu_forward_backward(seqlen_q, seqlen_k, dtype, head_dim):
+    torch.manual_seed(21)
+    _check(_make_qkv(2, 8, 2, seqlen_q, seqlen_k, head_dim, dtype))
+
+
+@requires_cuda
+def test_gpu_torch_compile_fullgraph():
+    torch.manual_seed(22)
+    q, k, v = _make_qkv(2, 8, 2, 512, 512, 64, torch.bfloat16)
+    compiled = torch.compile(alibi_attention, fullgraph=True)
+    out, grads, grad_out = _fwd_bwd(compiled, [q, k, v])
+    out_eager, grads_eager, _ = _fwd_bwd(alibi_attention, [q, k, v], grad_out)
+    torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+    for g, ge in zip(grads, grads_eager):
+        torch.testing.assert_close(g, ge, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_gpu_past_2_31_elements():
+    """q has > 2^31 elements: the last batch must be addressed with 64-bit offsets."""
+    torch.manual_seed(23)
+    b, h, s, d = 520, 16, 1024, 256
+    q, k, v = _make_qkv(b, h, h, s, s, d, torch.bfloat16)
+    assert q.numel() > 2 ** 31
+    out = alibi_attention(q, k, v)
+    ref = alibi_attention_reference(q[-1:], k[-1:], v[-1:])
+    torch.testing.assert_close(out[-1:].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
