@@ -178,10 +178,6 @@ def _empty_bhsd(shape, layout: str, like: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, h, s, d), dtype=like.dtype, device=like.device)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _slope_batch_stride(slopes: torch.Tensor) -> int:
     return 0 if slopes.dim() == 1 else slopes.stride(0)
 
@@ -209,7 +205,7 @@ def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _bhsd(out, layout), lse
     fwd = _kernels(_backend.interpreting())[0]
     meta = _common_meta(q, is_causal)
-    grid = lambda m: (_cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
+    grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
     _backend.launcher(fwd)[grid](
         q, k, v, out, lse, slopes, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -239,10 +235,10 @@ def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     if dq.numel() > 0:
         delta = torch.empty_like(lse)
         block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
-        launch(preprocess)[(_cdiv(seqlen_q, block_m), num_heads, batch)](
+        launch(preprocess)[(_backend.cdiv(seqlen_q, block_m), num_heads, batch)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
-        grid = lambda m: (_cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
+        grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         launch(dq_kernel)[grid](
             q, k, v, grad_out, dq, lse, delta, slopes, scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
@@ -250,7 +246,7 @@ def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     else:
         delta = lse  # no query rows: the dk/dv kernel never reads it
     if dk.numel() > 0:
-        grid = lambda m: (_cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
+        grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
         launch(dkdv)[grid](
             q, k, v, grad_out, dk, dv, lse, delta, slopes, scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
