@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close, poison, requires_cuda
+from conftest import DEVICE, assert_close, poison, requires_cuda
 
 import posenc_triton
 from posenc_triton import reference
@@ -234,29 +234,29 @@ def test_matches_transformers_rotation():
 
 
 ERRORS = [
-    (dict(q=torch.randn(2, 3, 4)), ValueError, "q must be 4-D"),
-    (dict(q=torch.ones(1, 2, 2, 8, dtype=torch.int32)), TypeError, "q must have dtype"),
-    (dict(k=torch.randn(1, 2, 2, 8, dtype=torch.float16)), TypeError, "k must have q's dtype"),
-    (dict(k=torch.randn(1, 3, 2, 8)), ValueError, "k .* must match q"),
-    (dict(k=torch.randn(1, 2, 2, 6)), ValueError, "k .* must match q"),
-    (dict(cos=torch.randn(16, 6), sin=torch.randn(16, 6)), ValueError, "rotary width R = 12"),
-    (dict(sin=torch.randn(16, 2)), ValueError, "cos .* and sin .* must have one shape"),
-    (dict(cos=torch.ones(16, 4, dtype=torch.int64)), TypeError, "cos must have dtype"),
-    (dict(position_ids=torch.zeros(2, dtype=torch.float32)), TypeError, "position_ids"),
-    (dict(position_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "position_ids must be"),
-    (dict(position_ids=torch.tensor([0, 16])), ValueError, "outside the cos/sin table"),
-    (dict(position_ids=torch.tensor([-1, 0])), ValueError, "outside the cos/sin table"),
-    (dict(seqlen_offsets=15), ValueError, "outside the cos/sin table"),
-    (dict(seqlen_offsets=torch.tensor([1, 2])), ValueError, r"seqlen_offsets must be .*\[B\]"),
-    (dict(seqlen_offsets=1.5), TypeError, "seqlen_offsets must be an int"),
-    (dict(layout="sbhd"), ValueError, "layout must be one of"),
+    ({"q": torch.randn(2, 3, 4)}, ValueError, "q must be 4-D"),
+    ({"q": torch.ones(1, 2, 2, 8, dtype=torch.int32)}, TypeError, "q must have dtype"),
+    ({"k": torch.randn(1, 2, 2, 8, dtype=torch.float16)}, TypeError, "k must have q's dtype"),
+    ({"k": torch.randn(1, 3, 2, 8)}, ValueError, "k .* must match q"),
+    ({"k": torch.randn(1, 2, 2, 6)}, ValueError, "k .* must match q"),
+    ({"cos": torch.randn(16, 6), "sin": torch.randn(16, 6)}, ValueError, "rotary width R = 12"),
+    ({"sin": torch.randn(16, 2)}, ValueError, "cos .* and sin .* must have one shape"),
+    ({"cos": torch.ones(16, 4, dtype=torch.int64)}, TypeError, "cos must have dtype"),
+    ({"position_ids": torch.zeros(2, dtype=torch.float32)}, TypeError, "position_ids"),
+    ({"position_ids": torch.zeros(3, dtype=torch.int64)}, ValueError, "position_ids must be"),
+    ({"position_ids": torch.tensor([0, 16])}, ValueError, "outside the cos/sin table"),
+    ({"position_ids": torch.tensor([-1, 0])}, ValueError, "outside the cos/sin table"),
+    ({"seqlen_offsets": 15}, ValueError, "outside the cos/sin table"),
+    ({"seqlen_offsets": torch.tensor([1, 2])}, ValueError, r"seqlen_offsets must be .*\[B\]"),
+    ({"seqlen_offsets": 1.5}, TypeError, "seqlen_offsets must be an int"),
+    ({"layout": "sbhd"}, ValueError, "layout must be one of"),
 ]
 
 
 @pytest.mark.parametrize("override,exc,match", ERRORS, ids=[e[2] for e in ERRORS])
 def test_errors(override, exc, match):
-    args = dict(q=torch.randn(1, 2, 2, 8), k=torch.randn(1, 2, 1, 8),
-                cos=torch.randn(16, 4), sin=torch.randn(16, 4))
+    args = {"q": torch.randn(1, 2, 2, 8), "k": torch.randn(1, 2, 1, 8),
+            "cos": torch.randn(16, 4), "sin": torch.randn(16, 4)}
     args.update(override)
     q, k, cos, sin = (args.pop(n) for n in ("q", "k", "cos", "sin"))
     with pytest.raises(exc, match=match):
