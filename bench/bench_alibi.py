@@ -1,0 +1,238 @@
+"""ALiBi attention benchmark: posenc_triton.alibi_attention against FlexAttention, SDPA, eager.
+
+    python bench/bench_alibi.py [--out DIR] [--quick]
+
+bf16, layout bhsd, default scale 1/sqrt(D), bottom-right causal alignment. Columns:
+
+* ours: ``alibi_attention(q, k, v, slopes, is_causal=...)`` (GQA native).
+* flex: ``torch.compile(flex_attention)`` with an ALiBi ``score_mod``
+  (``score - slope[h] * (q_idx + Sk - Sq - kv_idx)``, absolute value when not causal), a
+  bottom-right causal ``create_block_mask`` (built untimed), ``enable_gqa=True`` for GQA.
+* sdpa+bias: ``F.scaled_dot_product_attention`` with the ALiBi bias materialised
+  ``[1, H, Sq, Sk]`` in bf16 (built untimed, as a model builds it once for all layers) and
+  k/v repeated for GQA inside the timing.
+* eager: ``reference.alibi_attention_reference(..., upcast=False)`` (bf16 matmuls, fp32
+  softmax); "skipped (memory)" when its fp32 ``B*H*Sq*Sk`` scores would pass 8 GiB.
+* sdpa (no bias): plain SDPA, causal (bottom-right via ``causal_lower_right`` when
+  Sq != Sk): the ceiling, not ALiBi, so not checked.
+
+Modes: fwd, and fwd+bwd (forward then ``torch.autograd.grad`` for q, k, v). TFLOP/s:
+``4*B*Hq*Sq*Sk*D`` times the visible fraction (0.5 causal when Sq == Sk, counted exactly
+otherwise), x3.5 for fwd+bwd. Peak memory is the CUDA peak of one call, inputs included.
+The last case (S=65536) is a memory check: ours only, fwd+bwd.
+
+Before timing, outputs (fwd) or gradients (fwd+bwd) are compared with the float32
+reference where its scores fit in 8 GiB, else with ours; a failure prints "FAIL".
+
+For developers: ``--cpu-dry-run`` runs the same code on CPU with tiny shapes (perf_counter
+timer, Triton's interpreter) to test this script; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import common
+import torch
+import torch.nn.functional as F
+
+DTYPE = torch.bfloat16
+IMPLS = ["ours", "flex", "sdpa+bias", "eager", "sdpa (no bias)"]
+TOLERANCE = 3e-2  # largest error / largest |expected|, bf16 attention outputs and gradients
+EAGER_LIMIT = 8 << 30  # bytes of fp32 scores beyond which the eager reference is skipped
+BIAS_LIMIT = 16 << 30  # bytes of materialised bf16 bias beyond which sdpa+bias is skipped
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    batch: int
+    hq: int
+    hk: int
+    sq: int
+    sk: int
+    dim: int
+    causal: bool = True
+    memory_check: bool = False  # ours only, fwd+bwd, peak memory is the point
+
+    @property
+    def modes(self):
+        return ("fwd+bwd",) if self.memory_check else ("fwd", "fwd+bwd")
+
+    def flops(self) -> float:
+        """Forward FLOPs: two matmuls of 2*D per visible (query, key) pair."""
+        if not self.causal:
+            visible = 1.0
+        elif self.sq == self.sk:
+            visible = 0.5
+        else:  # bottom-right: query i sees keys j <= i + Sk - Sq
+            pairs = sum(min(max(i + self.sk - self.sq + 1, 0), self.sk) for i in range(self.sq))
+            visible = pairs / (self.sq * self.sk)
+        return 4.0 * self.batch * self.hq * self.sq * self.sk * self.dim * visible
+
+
+def cases(quick: bool, dry: bool) -> list:
+    if dry:
+        return [Case("B1 H4 S64 D32 causal", 1, 4, 4, 64, 64, 32),
+                Case("B1 H4 S64 D32 non-causal", 1, 4, 4, 64, 64, 32, causal=False),
+                Case("GQA B1 Hq4 Hk2 S64 D32", 1, 4, 2, 64, 64, 32),
+                Case("chunk B1 H4 Sq16 Sk64 D32", 1, 4, 4, 16, 64, 32),
+                Case("memory B1 H2 S128 D32", 1, 2, 2, 128, 128, 32, memory_check=True)]
+    full = [Case("B2 H32 S4096 D128 causal", 2, 32, 32, 4096, 4096, 128),
+            Case("B2 H32 S4096 D128 non-causal", 2, 32, 32, 4096, 4096, 128, causal=False),
+            Case("B1 H32 S16384 D128 causal", 1, 32, 32, 16384, 16384, 128),
+            Case("B4 H16 S2048 D64 causal", 4, 16, 16, 2048, 2048, 64),
+            Case("GQA B2 Hq32 Hk8 S4096 D128", 2, 32, 8, 4096, 4096, 128),
+            Case("chunk B2 H32 Sq128 Sk8192 D128", 2, 32, 32, 128, 8192, 128),
+            Case("memory B1 H8 S65536 D128", 1, 8, 8, 65536, 65536, 128, memory_check=True)]
+    return [full[0], full[5], full[6]] if quick else full
+
+
+def materialised_bias(slopes, case: Case, reference) -> torch.Tensor:
+    """``[1, H, Sq, Sk]`` bf16 ALiBi bias, built head by head (fp32 distances are exact)."""
+    bias = torch.empty(1, case.hq, case.sq, case.sk, device=slopes.device, dtype=DTYPE)
+    for h in range(case.hq):
+        bias[:, h] = reference.alibi_bias(slopes[h:h + 1], case.sq, case.sk, case.causal)[0]
+    return bias
+
+
+def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
+    """``{name: factory}``: ``factory()`` builds ``fn(q, k, v) -> out`` (masks, bias, compiled
+    function), or returns a string saying why that column is not run."""
+    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    shift, group, gqa = case.sk - case.sq, case.hq // case.hk, case.hq != case.hk
+
+    def ours():
+        return lambda q, k, v: posenc_triton.alibi_attention(q, k, v, slopes,
+                                                             is_causal=case.causal)
+
+    def flex():
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dist = q_idx + shift - kv_idx
+            return score - slopes[h] * (dist if case.causal else dist.abs())
+
+        block_mask = None
+        if case.causal:
+            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx + shift >= kv_idx,
+                                           None, None, case.sq, case.sk, device=common.DEVICE)
+        compiled = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                        enable_gqa=gqa)
+
+    def sdpa_bias():
+        if case.hq * case.sq * case.sk * 2 > BIAS_LIMIT:
+            return "skipped (memory)"
+        bias = materialised_bias(slopes, case, reference)
+
+        def repeat(t):
+            return t.repeat_interleave(group, dim=1) if gqa else t
+
+        return lambda q, k, v: F.scaled_dot_product_attention(q, repeat(k), repeat(v),
+                                                              attn_mask=bias)
+
+    def eager():
+        if case.batch * case.hq * case.sq * case.sk * 4 > EAGER_LIMIT:
+            return "skipped (memory)"
+        return lambda q, k, v: reference.alibi_attention_reference(
+            q, k, v, slopes, is_causal=case.causal, upcast=False)
+
+    def ceiling():
+        lower_right = case.causal and case.sq != case.sk
+        mask = causal_lower_right(case.sq, case.sk) if lower_right else None
+        return lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=case.causal and not lower_right, enable_gqa=gqa)
+
+    if case.memory_check:
+        return {"ours": ours}
+    return {"ours": ours, "flex": flex, "sdpa+bias": sdpa_bias, "eager": eager,
+            "sdpa (no bias)": ceiling}
+
+
+def runner(impl, mode: str, q, k, v, grad_out):
+    """A call of ``impl`` in ``mode``, returning the tensors to check."""
+    if mode == "fwd":
+        return lambda: (impl(q, k, v),)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    return lambda: torch.autograd.grad(impl(q, k, v), (q, k, v), grad_out)
+
+
+def measure(row: dict, run, case: Case, mode: str, expected) -> None:
+    """Check ``run()`` against ``expected`` (a string: why not), then time it."""
+    result = run()
+    if isinstance(expected, str):
+        row["check"] = expected
+    elif case.memory_check:
+        row["check"] = "ok" if all(torch.isfinite(t).all() for t in result) else "FAIL"
+    else:
+        row["err"] = common.max_rel_error(result, expected)
+        row["check"] = "ok" if row["err"] <= TOLERANCE else "FAIL"
+    del result
+    row["ms"] = common.time_ms(run)
+    row["tflops"] = case.flops() * (3.5 if mode == "fwd+bwd" else 1.0) / row["ms"] / 1e9
+    row["peak_gib"] = common.peak_gib(run)
+
+
+def run_case(report: common.Report, case: Case, posenc_triton, reference) -> None:
+    torch._dynamo.reset()  # one compiled graph per shape, never past the recompile limit
+    dev = common.DEVICE
+    q, grad_out = (torch.randn(case.batch, case.hq, case.sq, case.dim, device=dev, dtype=DTYPE)
+                   for _ in range(2))
+    k, v = (torch.randn(case.batch, case.hk, case.sk, case.dim, device=dev, dtype=DTYPE)
+            for _ in range(2))
+    slopes = posenc_triton.alibi_slopes(case.hq, device=dev)
+    impls = {}
+    for name, factory in implementations(case, slopes, posenc_triton, reference).items():
+        fn, note = common.attempt(factory)
+        impls[name] = fn if fn is not None else note
+    # Every output must match the float32 reference where its scores fit, else ours.
+    fits = case.batch * case.hq * case.sq * case.sk * 4 <= EAGER_LIMIT
+
+    def base(a, b, c):
+        if fits:
+            return reference.alibi_attention_reference(a, b, c, slopes, is_causal=case.causal)
+        return impls["ours"](a, b, c)
+
+    for mode in case.modes:
+        expected = "memory check: finite" if case.memory_check else None
+        if expected is None:
+            expected, note = common.attempt(runner(base, mode, q, k, v, grad_out))
+            expected = note or expected
+        for name, impl in impls.items():
+            row = report.add(case=case.name, mode=mode, impl=name)
+            if not callable(impl):
+                row["note"] = impl
+                continue
+            check = expected
+            if name == "sdpa (no bias)":
+                check = "none (no ALiBi)"
+            elif name == "ours" and not fits and not case.memory_check:
+                check = "none (the base)"
+            report.measure(row, measure, runner(impl, mode, q, k, v, grad_out), case, mode,
+                           check)
+
+
+def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> common.Report:
+    # Imported here, not at the top: a dry run sets TRITON_INTERPRET first.
+    import posenc_triton
+    from posenc_triton import reference
+
+    torch.manual_seed(0)
+    report = common.Report("alibi", IMPLS, "tflops", "TFLOP/s", DTYPE)
+    for case in cases(quick, dry):
+        run_case(report, case, posenc_triton, reference)
+        report.save_rows(out_dir)
+    report.table("Time (ms, median)", "ms", "{:.3f}")
+    report.table("Throughput (TFLOP/s)", "tflops", "{:.0f}",
+                 [("ours/flex (speed)", lambda r: common.ratio(r, "flex", "ours")),
+                  ("ours/ceiling", lambda r: common.ratio(r, "sdpa (no bias)", "ours"))])
+    report.table("Peak memory (GiB, one call, inputs included)", "peak_gib", "{:.2f}")
+    report.write(out_dir)
+    return report
+
+
+if __name__ == "__main__":
+    args = common.parse_args(__doc__)
+    failed = main(args.out, args.quick, args.cpu_dry_run).failures()
+    raise SystemExit(1 if any(r["impl"] == "ours" for r in failed) else 0)
