@@ -6,6 +6,11 @@ For query ``i``, key ``j`` and head ``h``, with ``i' = i + Sk - Sq`` (bottom-rig
 ``scale`` and the slope) so the softmax uses ``exp2``. LSE is stored as a natural log, ``+inf``
 for a query row that sees no key, so that ``exp2(s - lse)`` is exactly 0 there.
 
+An optional key padding mask ``KPM [B, Sk]`` (any strides, bytes, nonzero = keep), switched
+on by the ``HAS_KEY_MASK`` constexpr, hides padded keys from every query in both loop stages;
+their K/V rows are never read (loaded as 0), so padding may hold anything, and their ``dk``,
+``dv`` rows are exactly 0. Without it the kernels compile to the unmasked code.
+
 Batch and head offsets, and the row offset of every tile, are int64 (tensors past 2^31
 elements); offsets inside a tile stay int32.
 """
@@ -13,7 +18,7 @@ elements); offsets inside a tile stay int32.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # compiled kernels reject plain float globals
 
 
 @triton.jit
@@ -60,16 +65,24 @@ def _visible_keys(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: t
     return full_hi // BLOCK_N * BLOCK_N, hi
 
 
+@triton.jit
+def _load_keep(KPM, stride_mn, cols, seqlen_k):
+    """Key padding mask for key positions ``cols`` (int1); keys past ``Sk`` read as padded."""
+    keep = tl.load(KPM + cols.to(tl.int64) * stride_mn, mask=cols < seqlen_k, other=0)
+    return keep != 0
+
+
 # ------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                           offs_m, offs_n, offs_d, qk_scale, slope, seqlen_q, seqlen_k, lo, hi,
                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -79,6 +92,8 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_v
             kv_mask = cols < seqlen_k
         else:
             kv_mask = offs_n < BLOCK_N
+        if HAS_KEY_MASK:
+            kv_mask = kv_mask & _load_keep(KPM, stride_mn, cols, seqlen_k)
         kT = tl.load(K + row0 * stride_kn + offs_n[None, :] * stride_kn
                      + offs_d[:, None] * stride_kd,
                      mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
@@ -88,9 +103,9 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_v
         rel = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = _alibi_scores(_dot(q, kT, INPUT_PRECISION, INTERPRETER), rel, qk_scale, slope,
                           IS_CAUSAL)
-        if MASK:
+        if MASK or HAS_KEY_MASK:
             visible = kv_mask[None, :]
-            if IS_CAUSAL:
+            if MASK and IS_CAUSAL:
                 visible = visible & (rel >= 0)
             s = tl.where(visible, s, float("-inf"))
         # -- update m_i, l_i; a row that has seen no key yet keeps m = -inf: shift by 0 then
@@ -106,15 +121,16 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_v
 
 
 @triton.jit
-def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, sm_scale,
+def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, sm_scale,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    stride_sb, num_heads, group, seqlen_q, seqlen_k,
+                    stride_sb, stride_mb, stride_mn, num_heads, group, seqlen_q, seqlen_k,
                     SQ_BUCKET, SK_BUCKET,  # autotune key only
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    HAS_KEY_MASK: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -126,6 +142,7 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, sm_scale,
     O += off_b * stride_ob + off_h * stride_oh + row0 * stride_om
     K += off_b * stride_kb + off_kvh * stride_kh
     V += off_b * stride_vb + off_kvh * stride_vh
+    KPM += off_b * stride_mb
     LSE += (off_b * num_heads + off_h) * seqlen_q
     slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
     qk_scale = sm_scale * LOG2E
@@ -142,18 +159,20 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, sm_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi, hi = _visible_keys(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    # stage 1: key blocks every row sees in full; stage 2: the diagonal band and the ragged end
-    acc, l_i, m_i = _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, offs_m, offs_n, offs_d,
-                                          qk_scale, slope, seqlen_q, seqlen_k, 0, full_hi,
-                                          HEAD_DIM, BLOCK_N, IS_CAUSAL, False,
+    # stage 1: key blocks every row sees in full (but for padding, with HAS_KEY_MASK);
+    # stage 2: the diagonal band and the ragged end
+    acc, l_i, m_i = _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_kd,
+                                          stride_vn, stride_vd, stride_mn, offs_m, offs_n,
+                                          offs_d, qk_scale, slope, seqlen_q, seqlen_k, 0, full_hi,
+                                          HEAD_DIM, BLOCK_N, IS_CAUSAL, False, HAS_KEY_MASK,
                                           INPUT_PRECISION, INTERPRETER)
-    acc, l_i, m_i = _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, offs_m, offs_n, offs_d,
-                                          qk_scale, slope, seqlen_q, seqlen_k, full_hi, hi,
-                                          HEAD_DIM, BLOCK_N, IS_CAUSAL, True,
+    acc, l_i, m_i = _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_kd,
+                                          stride_vn, stride_vd, stride_mn, offs_m, offs_n,
+                                          offs_d, qk_scale, slope, seqlen_q, seqlen_k, full_hi, hi,
+                                          HEAD_DIM, BLOCK_N, IS_CAUSAL, True, HAS_KEY_MASK,
                                           INPUT_PRECISION, INTERPRETER)
-    # a row with no visible key has l = 0: output 0 and LSE +inf (its gradients are then 0)
+    # a row with no visible key (causal, or all padded) has l = 0: output 0 and LSE +inf
+    # (its gradients are then 0)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -195,16 +214,18 @@ def _alibi_attn_bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
+def _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Q, DO, LSE, DELTA,
                                stride_qm, stride_qd, stride_dom, stride_dod,
                                cols, offs_m, offs_d, qk_scale, slope, seqlen_q, seqlen_k, lo, hi,
                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                               HAS_KEY_MASK: tl.constexpr,
                                INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Accumulate one query head's contribution to ``dk``, ``dv [BLOCK_N, BLOCK_D]``.
 
     Works transposed (keys along rows). Query rows past ``Sq`` load ``lse = +inf``, so their
     probabilities are 0; key rows past ``Sk`` only touch their own rows, which are not stored.
+    Padded keys (``keep`` false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
     """
     d_mask = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -225,6 +246,8 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
         pT = tl.math.exp2(sT - lse[None, :])
         if MASK:
             pT = tl.where(rel >= 0, pT, 0.0)
+        if HAS_KEY_MASK:
+            pT = tl.where(keep[:, None], pT, 0.0)
         # -- dv += p^T do
         dv += _dot(_narrow(pT, do.dtype, INTERPRETER), do, INPUT_PRECISION, INTERPRETER)
         # -- dk += ds^T q, ds = p * (dp - delta)
@@ -235,17 +258,18 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, sm_scale,
+def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, sm_scale,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         stride_sb, num_heads, group, seqlen_q, seqlen_k,
+                         stride_sb, stride_mb, stride_mn, num_heads, group, seqlen_q, seqlen_k,
                          SQ_BUCKET, SK_BUCKET,  # autotune key only
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         HAS_KEY_MASK: tl.constexpr,
                          INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``.
 
@@ -267,9 +291,15 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, sm_scale,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + offs_r[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=io_mask,
+    if HAS_KEY_MASK:  # padded keys: never read, zero gradients
+        keep = _load_keep(KPM + off_b * stride_mb, stride_mn, cols, seqlen_k)
+        kv_mask = io_mask & keep[:, None]
+    else:
+        keep = cols < seqlen_k
+        kv_mask = io_mask
+    k = tl.load(K + offs_r[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
                 other=0.0)
-    v = tl.load(V + offs_r[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=io_mask,
+    v = tl.load(V + offs_r[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
                 other=0.0)
 
     # Query blocks that can see this key block: [lo, hi). Before full_lo some rows still miss
@@ -282,6 +312,11 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, sm_scale,
     else:
         lo = 0
         full_lo = 0
+    end = seqlen_q
+    if HAS_KEY_MASK:  # a block of padded keys only: skip the loops, store zeros
+        end = tl.where(tl.max(keep.to(tl.int32), 0) > 0, seqlen_q, 0)
+        lo = tl.minimum(lo, end)
+        full_lo = tl.minimum(full_lo, end)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -292,17 +327,17 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, sm_scale,
         DOh = DO + off_b * stride_dob + off_h * stride_doh
         LSEh = LSE + (off_b * num_heads + off_h) * seqlen_q
         DELTAh = DELTA + (off_b * num_heads + off_h) * seqlen_q
-        dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+        dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Qh, DOh, LSEh, DELTAh,
                                             stride_qm, stride_qd, stride_dom, stride_dod,
                                             cols, offs_m, offs_d, qk_scale, slope,
                                             seqlen_q, seqlen_k, lo, full_lo,
-                                            HEAD_DIM, BLOCK_M, IS_CAUSAL, True,
+                                            HEAD_DIM, BLOCK_M, IS_CAUSAL, True, HAS_KEY_MASK,
                                             INPUT_PRECISION, INTERPRETER)
-        dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+        dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Qh, DOh, LSEh, DELTAh,
                                             stride_qm, stride_qd, stride_dom, stride_dod,
                                             cols, offs_m, offs_d, qk_scale, slope,
-                                            seqlen_q, seqlen_k, full_lo, seqlen_q,
-                                            HEAD_DIM, BLOCK_M, IS_CAUSAL, False,
+                                            seqlen_q, seqlen_k, full_lo, end,
+                                            HEAD_DIM, BLOCK_M, IS_CAUSAL, False, HAS_KEY_MASK,
                                             INPUT_PRECISION, INTERPRETER)
     dk *= sm_scale
     tl.store(DK + offs_r[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -312,11 +347,12 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, sm_scale,
 
 
 @triton.jit
-def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V,
-                             stride_kn, stride_kd, stride_vn, stride_vd,
+def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
+                             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                              offs_m, offs_n, offs_d, qk_scale, slope, seqlen_q, seqlen_k, lo, hi,
                              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                              IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                             HAS_KEY_MASK: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -326,6 +362,8 @@ def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V,
             kv_mask = cols < seqlen_k
         else:
             kv_mask = offs_n < BLOCK_N
+        if HAS_KEY_MASK:
+            kv_mask = kv_mask & _load_keep(KPM, stride_mn, cols, seqlen_k)
         kT = tl.load(K + row0 * stride_kn + offs_n[None, :] * stride_kn
                      + offs_d[:, None] * stride_kd,
                      mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
@@ -336,10 +374,10 @@ def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V,
         s = _alibi_scores(_dot(q, kT, INPUT_PRECISION, INTERPRETER), rel, qk_scale, slope,
                           IS_CAUSAL)
         p = tl.math.exp2(s - lse[:, None])
-        if MASK:
-            # keys past Sk too: their p could overflow, and inf * (k = 0) is NaN
+        if MASK or HAS_KEY_MASK:
+            # keys past Sk and padded keys too: their p could overflow, and inf * (k = 0) is NaN
             visible = kv_mask[None, :]
-            if IS_CAUSAL:
+            if MASK and IS_CAUSAL:
                 visible = visible & (rel >= 0)
             p = tl.where(visible, p, 0.0)
         # -- dq += ds k, ds = p * (dp - delta)
@@ -350,16 +388,17 @@ def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V,
 
 
 @triton.jit
-def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, sm_scale,
+def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, sm_scale,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       stride_sb, num_heads, group, seqlen_q, seqlen_k,
+                       stride_sb, stride_mb, stride_mn, num_heads, group, seqlen_q, seqlen_k,
                        SQ_BUCKET, SK_BUCKET,  # autotune key only
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       HAS_KEY_MASK: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -372,6 +411,7 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, sm_scale,
     DQ += off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
     K += off_b * stride_kb + off_kvh * stride_kh
     V += off_b * stride_vb + off_kvh * stride_vh
+    KPM += off_b * stride_mb
     LSE += (off_b * num_heads + off_h) * seqlen_q
     DELTA += (off_b * num_heads + off_h) * seqlen_q
     slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
@@ -392,15 +432,15 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, sm_scale,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi, hi = _visible_keys(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V,
-                                  stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                                   offs_m, offs_n, offs_d, qk_scale, slope, seqlen_q, seqlen_k,
-                                  0, full_hi, HEAD_DIM, BLOCK_N, IS_CAUSAL, False,
+                                  0, full_hi, HEAD_DIM, BLOCK_N, IS_CAUSAL, False, HAS_KEY_MASK,
                                   INPUT_PRECISION, INTERPRETER)
-    dq = _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V,
-                                  stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                                   offs_m, offs_n, offs_d, qk_scale, slope, seqlen_q, seqlen_k,
-                                  full_hi, hi, HEAD_DIM, BLOCK_N, IS_CAUSAL, True,
+                                  full_hi, hi, HEAD_DIM, BLOCK_N, IS_CAUSAL, True, HAS_KEY_MASK,
                                   INPUT_PRECISION, INTERPRETER)
     dq *= sm_scale
     tl.store(DQ + offs_r[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,

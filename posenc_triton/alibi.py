@@ -43,7 +43,7 @@ def _default_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return _cached_slopes(num_heads, device)
 
 
-def _check_args(q, k, v, slopes, is_causal, scale, layout) -> float:
+def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None) -> float:
     """Validate :func:`alibi_attention`'s arguments; returns the softmax scale."""
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -93,6 +93,20 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout) -> float:
                              f"([Hq] or [B, Hq]), got {tuple(slopes.shape)}")
         if slopes.device != q.device:
             raise ValueError(f"slopes is on {slopes.device} but q is on {q.device}")
+    if key_padding_mask is not None:
+        seqlen_k = k.shape[1 if layout == "bshd" else 2]
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError("key_padding_mask must be a torch.Tensor or None, "
+                            f"got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = keep), "
+                            f"got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (batch, seqlen_k):
+            raise ValueError(f"key_padding_mask must have shape [{batch}, {seqlen_k}] ([B, Sk]), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} "
+                             f"but q is on {q.device}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -126,7 +140,8 @@ def _prune_configs(configs, named_args, **kwargs):
 _FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)]
 _DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 1)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-_AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
+                 "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 _PREPROCESS_BLOCK_M = 64
 
@@ -148,7 +163,7 @@ def _kernels(interpreting: bool):
     return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
 
 
-def _common_meta(q: torch.Tensor, is_causal: bool) -> dict:
+def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool) -> dict:
     """Constexprs shared by the kernels (and the fixed tile when interpreting)."""
     interpreting = _backend.interpreting()
     head_dim = q.shape[-1]
@@ -156,6 +171,7 @@ def _common_meta(q: torch.Tensor, is_causal: bool) -> dict:
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, _backend.next_power_of_2(head_dim)),
         "IS_CAUSAL": is_causal,
+        "HAS_KEY_MASK": has_key_mask,
         # fp32 inputs get IEEE fp32 products (PyTorch's default matmul), not TF32.
         "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreting else None,
         # work around the interpreter's bf16 dot and bf16 rounding
@@ -182,6 +198,14 @@ def _slope_batch_stride(slopes: torch.Tensor) -> int:
     return 0 if slopes.dim() == 1 else slopes.stride(0)
 
 
+def _key_mask_args(key_padding_mask: Optional[torch.Tensor], slopes: torch.Tensor):
+    """``(pointer, stride_b, stride_n)`` for the kernels' ``KPM``: the bool mask read as bytes
+    (a view, any strides), or a never-read stand-in when there is none (``HAS_KEY_MASK`` off)."""
+    if key_padding_mask is None:
+        return slopes, 0, 0
+    return (key_padding_mask.view(torch.uint8), *key_padding_mask.stride())
+
+
 # ------------------------------------------------------------------------------------------
 # Launchers, registered as torch.library ops
 # ------------------------------------------------------------------------------------------
@@ -189,12 +213,14 @@ def _slope_batch_stride(slopes: torch.Tensor) -> int:
 
 @torch.library.triton_op("posenc_triton::alibi_attention_fwd", mutates_args=())
 def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            slopes: torch.Tensor, is_causal: bool, scale: float,
+                            slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                            is_causal: bool, scale: float,
                             layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
     ``[B, Hq, Sq]`` (natural log, ``+inf`` for rows that see no key).
 
-    ``slopes`` is contiguous float32 ``[Hq]`` or ``[B, Hq]``; arguments are already checked.
+    ``slopes`` is contiguous float32 ``[Hq]`` or ``[B, Hq]``, ``key_padding_mask`` bool
+    ``[B, Sk]`` (any strides) or None; arguments are already checked.
     """
     q, k, v = (_bhsd(t, layout) for t in (q, k, v))
     batch, num_heads, seqlen_q, _ = q.shape
@@ -204,19 +230,22 @@ def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if out.numel() == 0:
         return _bhsd(out, layout), lse
     fwd = _kernels(_backend.interpreting())[0]
-    meta = _common_meta(q, is_causal)
+    meta = _common_meta(q, is_causal, key_padding_mask is not None)
+    mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
     grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
     _backend.launcher(fwd)[grid](
-        q, k, v, out, lse, slopes, scale,
+        q, k, v, out, lse, slopes, mask, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        _slope_batch_stride(slopes), num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k,
+        _slope_batch_stride(slopes), stride_mb, stride_mn,
+        num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k,
         _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
     return _bhsd(out, layout), lse
 
 
 @torch.library.triton_op("posenc_triton::alibi_attention_bwd", mutates_args=())
 def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, slopes: torch.Tensor, out: torch.Tensor,
+                             v: torch.Tensor, slopes: torch.Tensor,
+                             key_padding_mask: Optional[torch.Tensor], out: torch.Tensor,
                              lse: torch.Tensor, is_causal: bool, scale: float,
                              layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` shaped like ``q, k, v``, each contiguous in ``layout``."""
@@ -227,10 +256,11 @@ def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     dk = _empty_bhsd(k.shape, layout, k)
     dv = _empty_bhsd(v.shape, layout, v)
     _, preprocess, dkdv, dq_kernel = _kernels(_backend.interpreting())
-    meta = _common_meta(q, is_causal)
+    meta = _common_meta(q, is_causal, key_padding_mask is not None)
     launch = _backend.launcher
-    common = (_slope_batch_stride(slopes), num_heads, num_heads // num_kv_heads,
-              seqlen_q, seqlen_k,
+    mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
+    common = (_slope_batch_stride(slopes), stride_mb, stride_mn,
+              num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k,
               _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
     if dq.numel() > 0:
         delta = torch.empty_like(lse)
@@ -240,7 +270,7 @@ def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         launch(dq_kernel)[grid](
-            q, k, v, grad_out, dq, lse, delta, slopes, scale,
+            q, k, v, grad_out, dq, lse, delta, slopes, mask, scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             *common, **meta)
     else:
@@ -248,24 +278,25 @@ def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     if dk.numel() > 0:
         grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
         launch(dkdv)[grid](
-            q, k, v, grad_out, dk, dv, lse, delta, slopes, scale,
+            q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
             *dv.stride(), *common, **meta)
     return _bhsd(dq, layout), _bhsd(dk, layout), _bhsd(dv, layout)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, slopes, is_causal, scale, layout = inputs
+    q, k, v, slopes, key_padding_mask, is_causal, scale, layout = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, slopes, out, lse)
+    ctx.save_for_backward(q, k, v, slopes, key_padding_mask, out, lse)
     ctx.is_causal, ctx.scale, ctx.layout = is_causal, scale, layout
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, slopes, out, lse = ctx.saved_tensors
+    q, k, v, slopes, key_padding_mask, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.posenc_triton.alibi_attention_bwd(
-        grad_out, q, k, v, slopes, out, lse, ctx.is_causal, ctx.scale, ctx.layout)
-    return dq, dk, dv, None, None, None, None
+        grad_out, q, k, v, slopes, key_padding_mask, out, lse, ctx.is_causal, ctx.scale,
+        ctx.layout)
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("posenc_triton::alibi_attention_fwd", _backward,
@@ -279,21 +310,26 @@ torch.library.register_autograd("posenc_triton::alibi_attention_fwd", _backward,
 
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slopes: Optional[torch.Tensor] = None, *, is_causal: bool = True,
-                    scale: Optional[float] = None, layout: str = "bhsd") -> torch.Tensor:
+                    scale: Optional[float] = None, layout: str = "bhsd",
+                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Sq, D]``, ``k, v [B, Hk, Sk, D]`` (``layout="bhsd"``) or ``[B, S, H, D]``
     (``"bshd"``), any strides, ``Hq % Hk == 0``, ``D <= 256``; ``slopes`` float32 ``[Hq]`` or
     ``[B, Hq]`` (default :func:`alibi_slopes`), no gradient. Query ``i`` sits at key position
     ``i + Sk - Sq`` (bottom-right); a causal row that sees no key outputs 0. ``scale``
-    defaults to ``1/sqrt(D)``. Returns ``out`` shaped like ``q`` in ``layout``.
+    defaults to ``1/sqrt(D)``. ``key_padding_mask`` bool ``[B, Sk]`` (True = keep, like
+    flash-attn's ``attention_mask``; any strides) hides padded keys from every query: a row
+    left with no key outputs 0, and padded keys get ``dk = dv = 0``. Returns ``out`` shaped
+    like ``q`` in ``layout``.
     """
-    scale = _check_args(q, k, v, slopes, is_causal, scale, layout)
+    scale = _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
     if slopes is None:
         slopes = _default_slopes(q.shape[1 if layout == "bhsd" else 2], q.device)
     if not _backend.use_triton(q) or q.dtype == torch.float64:
         return alibi_attention_reference(q, k, v, slopes, is_causal=is_causal, scale=scale,
-                                         layout=layout, upcast=True)
+                                         layout=layout, upcast=True,
+                                         key_padding_mask=key_padding_mask)
     out, _ = torch.ops.posenc_triton.alibi_attention_fwd(
-        q, k, v, slopes.contiguous(), is_causal, scale, layout)
+        q, k, v, slopes.contiguous(), key_padding_mask, is_causal, scale, layout)
     return out

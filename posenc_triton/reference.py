@@ -135,12 +135,14 @@ def alibi_attention_reference(
     scale: Optional[float] = None,
     layout: str = "bhsd",
     upcast: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference for :func:`posenc_triton.alibi_attention`, materialising ``Sq x Sk`` scores.
 
     ``upcast=True`` computes in ``float32`` (``float64`` for ``float64`` inputs);
     ``upcast=False`` runs the matmuls in the input dtype with a ``float32`` softmax, which is
-    the "same-dtype PyTorch" baseline of the error rule. Rows with no visible key give 0.
+    the "same-dtype PyTorch" baseline of the error rule. ``key_padding_mask`` bool ``[B, Sk]``
+    (True = keep) masks padded keys for every query. Rows with no visible key give 0.
     """
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -157,8 +159,11 @@ def alibi_attention_reference(
         slopes = torch.tensor(alibi_slopes_list(num_heads), device=q.device)
     soft = torch.promote_types(compute, torch.float32)
     bias = alibi_bias(slopes.to(soft), q.shape[2], k.shape[2], is_causal)
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
     scores = (q @ k.transpose(-1, -2)).to(soft) * scale + bias
-    # Rows with no visible key (causal, Sq > Sk) output 0 and pass no gradient.
+    # Rows with no visible key (causal with Sq > Sk, or all keys padded) output 0 and pass
+    # no gradient.
     empty = torch.isinf(bias).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     out = probs.to(compute) @ v

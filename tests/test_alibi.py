@@ -3,9 +3,11 @@
 On CPU the kernels run in Triton's interpreter (tiny shapes, 16 x 16 tiles, so the odd lengths
 below cross block edges); on CUDA the same tests run, plus real shapes and torch.compile.
 Error rule for fp16/bf16 (flash-attn's): ``max|kernel - ref64| <= 2 * max|ref_same_dtype -
-ref64| + atol``; fp32 uses the tolerance table.
+ref64| + atol``; fp32 uses the tolerance table. ``key_padding_mask`` (True = keep) has its own
+section: right, left and scattered padding, fully padded batch rows, strided masks.
 """
 
+import functools
 import math
 
 import pytest
@@ -56,10 +58,13 @@ def _check_error_rule(name, actual, ref64, ref_same, dtype, atol=None):
         f"{name}: max error {err:.3g} > 2 x same-dtype reference error {base:.3g} + atol")
 
 
-def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd"):
-    """Kernel vs float64 reference (and the same-dtype reference for fp16/bf16)."""
+def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd",
+           key_padding_mask=None):
+    """Kernel vs float64 reference (and the same-dtype reference for fp16/bf16); with a
+    ``key_padding_mask``, the gradients of padded keys must be exactly 0."""
     dtype = inputs[0].dtype
-    kwargs = dict(is_causal=is_causal, scale=scale, layout=layout)
+    kwargs = dict(is_causal=is_causal, scale=scale, layout=layout,
+                  key_padding_mask=key_padding_mask)
     originals = [t.clone() for t in inputs]
     out, grads, grad_out = _fwd_bwd(lambda *t: alibi_attention(*t, slopes, **kwargs), inputs)
     for t, orig in zip(inputs, originals):
@@ -76,7 +81,15 @@ def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd"):
     _check_error_rule("out", out, ref64, ref_same, dtype)
     for name, g, g64, gs in zip(("dq", "dk", "dv"), grads, grads64, grads_same):
         _check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
+    if key_padding_mask is not None:
+        for name, g in zip(("dk", "dv"), grads[1:]):
+            padded = _bhsd(g, layout).transpose(1, 2)[~key_padding_mask]  # [n_padded, Hk, D]
+            assert torch.equal(padded, torch.zeros_like(padded)), f"{name} of padded keys != 0"
     return out, grads
+
+
+def _bhsd(t, layout):
+    return t.transpose(1, 2) if layout == "bshd" else t
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,6 +231,103 @@ def test_float64_runs_reference_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------
+# Key padding mask (True = keep): padded keys are hidden from every query
+# ------------------------------------------------------------------------------------------
+
+
+def _padding_mask(kind, batch, seqlen_k, device=DEVICE):
+    """bool ``[B, Sk]``: ``"right"`` / ``"left"`` padding, a different length per batch row
+    (the full length, one that ends inside a tile, a short one), or a ``"random"`` scatter."""
+    if kind == "random":
+        gen = torch.Generator().manual_seed(seqlen_k)
+        return (torch.rand(batch, seqlen_k, generator=gen) > 0.4).to(device)
+    lengths = torch.tensor([seqlen_k, seqlen_k // 2 + 3, 5, 1][:batch])
+    pos = torch.arange(seqlen_k)
+    if kind == "left":
+        pos = pos.flip(0)
+    return (pos[None, :] < lengths[:, None]).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("kind", ["right", "left", "random"])
+def test_key_padding_matches_reference(kind, is_causal, dtype):
+    """GQA, Sq < Sk; left padding with causal also leaves early query rows with no key."""
+    torch.manual_seed(30)
+    mask = _padding_mask(kind, 3, 37)
+    _check(_make_qkv(3, 2, 1, 26, 37, 16, dtype), is_causal=is_causal, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(37, 37), (37, 19), (1, 37)])
+@pytest.mark.parametrize("kind", ["right", "random"])
+def test_key_padding_lengths(kind, seqlen_q, seqlen_k):
+    """Sq == Sk, Sq > Sk (causal empty rows plus padding), decode."""
+    torch.manual_seed(31)
+    _check(_make_qkv(3, 2, 1, seqlen_q, seqlen_k, 16, torch.float32),
+           key_padding_mask=_padding_mask(kind, 3, seqlen_k))
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_key_padding_fully_padded_row(is_causal):
+    """A batch row with every key padded outputs exactly 0 and passes exactly 0 gradient."""
+    torch.manual_seed(32)
+    inputs = _make_qkv(2, 2, 1, 21, 21, 16, torch.float16)
+    mask = torch.ones(2, 21, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out, grads = _check(inputs, is_causal=is_causal, key_padding_mask=mask)
+    for t in (out, *grads):
+        assert not torch.isnan(t).any()
+        assert torch.equal(t[1], torch.zeros_like(t[1]))
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_key_padding_strided_mask(layout):
+    """A mask that is a non-contiguous view (every other column; a transpose) is read in place."""
+    torch.manual_seed(33)
+    inputs = _make_qkv(3, 2, 1, 17, 25, 16, torch.bfloat16, layout)
+    wide = _padding_mask("random", 3, 50)
+    _check(inputs, layout=layout, key_padding_mask=wide[:, ::2])
+    tall = _padding_mask("right", 3, 25).t().contiguous().t()  # strides (1, 3)
+    _check(inputs, layout=layout, key_padding_mask=tall)
+
+
+def test_key_padding_never_reads_padded_keys():
+    """Padded K/V rows holding inf/NaN change nothing: the kernels never load them."""
+    torch.manual_seed(34)
+    q, k, v = _make_qkv(3, 2, 1, 20, 33, 16, torch.float16)
+    if not _backend.use_triton(q):
+        pytest.skip("a property of the kernels; the reference multiplies 0 by the padding")
+    mask = _padding_mask("random", 3, 33)
+    pad = ~mask[:, None, :, None]
+    clean = [k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)]
+    dirty = [k.masked_fill(pad, float("inf")), v.masked_fill(pad, float("nan"))]
+    fn = lambda *t: alibi_attention(*t, key_padding_mask=mask)
+    out, grads, grad_out = _fwd_bwd(fn, [q, *clean])
+    out_dirty, grads_dirty, _ = _fwd_bwd(fn, [q, *dirty], grad_out)
+    assert torch.equal(out, out_dirty)
+    for g, gd in zip(grads, grads_dirty):
+        assert torch.equal(g, gd)
+
+
+def test_key_padding_all_true_is_no_mask():
+    torch.manual_seed(35)
+    inputs = _make_qkv(2, 2, 1, 19, 23, 16, torch.float32)
+    mask = torch.ones(2, 23, dtype=torch.bool, device=DEVICE)
+    torch.testing.assert_close(alibi_attention(*inputs, key_padding_mask=mask),
+                               alibi_attention(*inputs), rtol=0, atol=0)
+
+
+def test_key_padding_reference_path(monkeypatch):
+    monkeypatch.setattr(_backend, "use_triton", lambda t: False)
+    torch.manual_seed(36)
+    inputs = _make_qkv(2, 2, 1, 9, 11, 8, torch.float32, "bshd")
+    mask = _padding_mask("left", 2, 11)
+    out = alibi_attention(*inputs, layout="bshd", key_padding_mask=mask)
+    assert_close(out, alibi_attention_reference(*[t.double() for t in inputs], layout="bshd",
+                                                key_padding_mask=mask))
+
+
+# ------------------------------------------------------------------------------------------
 # Slopes
 # ------------------------------------------------------------------------------------------
 
@@ -292,6 +402,16 @@ def _qkv(device="cpu"):
     ({}, dict(scale=float("nan")), TypeError, "scale"),
     ({}, dict(scale="0.1"), TypeError, "scale"),
     ({}, dict(is_causal=None), TypeError, "is_causal"),
+    ({}, dict(key_padding_mask=[True] * 8), TypeError, "key_padding_mask must be a torch.Tensor"),
+    ({}, dict(key_padding_mask=torch.ones(1, 8)), TypeError, "key_padding_mask must be a bool"),
+    ({}, dict(key_padding_mask=torch.ones(1, 8, dtype=torch.uint8)), TypeError,
+     "key_padding_mask must be a bool"),
+    ({}, dict(key_padding_mask=torch.ones(1, 9, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must have shape \[1, 8\]"),
+    ({}, dict(key_padding_mask=torch.ones(8, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must have shape \[1, 8\]"),
+    ({}, dict(key_padding_mask=torch.ones(1, 4, 8, dtype=torch.bool)), ValueError,
+     "key_padding_mask must have shape"),
 ])
 def test_errors(over, kwargs, exc, match):
     args = {**_qkv(), **over}
@@ -311,6 +431,8 @@ def test_errors_devices():
         alibi_attention(args["q"], args["k"].cpu(), args["v"])
     with pytest.raises(ValueError, match="slopes is on"):
         alibi_attention(**args, slopes=torch.ones(4))
+    with pytest.raises(ValueError, match="key_padding_mask is on"):
+        alibi_attention(**args, key_padding_mask=torch.ones(1, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="float64"):
         alibi_attention(*(t.double() for t in args.values()))
 
@@ -355,12 +477,27 @@ def test_gpu_forward_backward(seqlen_q, seqlen_k, dtype, head_dim):
 
 
 @requires_cuda
-def test_gpu_torch_compile_fullgraph():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("kind", ["right", "left", "random"])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1024, 1024), (1000, 2047)])
+def test_gpu_key_padding(seqlen_q, seqlen_k, kind, is_causal, dtype):
+    torch.manual_seed(24)
+    mask = _padding_mask(kind, 4, seqlen_k)
+    _check(_make_qkv(4, 8, 2, seqlen_q, seqlen_k, 128, dtype), is_causal=is_causal,
+           key_padding_mask=mask)
+
+
+@requires_cuda
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gpu_torch_compile_fullgraph(with_mask):
     torch.manual_seed(22)
     q, k, v = _make_qkv(2, 8, 2, 512, 512, 64, torch.bfloat16)
-    compiled = torch.compile(alibi_attention, fullgraph=True)
+    kwargs = dict(key_padding_mask=_padding_mask("right", 2, 512)) if with_mask else {}
+    compiled = torch.compile(functools.partial(alibi_attention, **kwargs), fullgraph=True)
     out, grads, grad_out = _fwd_bwd(compiled, [q, k, v])
-    out_eager, grads_eager, _ = _fwd_bwd(alibi_attention, [q, k, v], grad_out)
+    out_eager, grads_eager, _ = _fwd_bwd(functools.partial(alibi_attention, **kwargs),
+                                         [q, k, v], grad_out)
     torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
     for g, ge in zip(grads, grads_eager):
         torch.testing.assert_close(g, ge, rtol=0, atol=0)
