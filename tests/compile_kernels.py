@@ -1,0 +1,86 @@
+"""Compile every kernel for an H100 (sm_90) without a GPU: ``python tests/compile_kernels.py``.
+
+The interpreter accepts code that compiled Triton rejects (a plain global in a kernel, say);
+this builds each kernel down to a cubin with Triton's bundled ptxas, checks that its shared
+memory fits the H100, and prints one line per kernel. Exit status 1 on any failure.
+"""
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are imported: real @triton.jit
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from posenc_triton import alibi  # noqa: E402
+from posenc_triton.kernels import alibi_attention, rope  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+SM90_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block
+
+ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "*bf16",
+              "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "offsets_ptr": "*i64"}
+ATTN_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
+              "LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "KPM": "*u8",
+              "sm_scale": "fp32"}
+
+
+def compile_sm90(kernel, types, constexprs, num_warps=4, num_stages=3):
+    """Shared memory (bytes) of ``kernel`` built for sm_90; unnamed arguments are int32."""
+    signature, constants = {}, {}
+    for i, param in enumerate(kernel.params):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constants[(i,)] = constexprs[param.name]
+        else:
+            signature[param.name] = types.get(param.name, "i32")
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=SM90, options={"num_warps": num_warps,
+                                                    "num_stages": num_stages})
+    return compiled.metadata.shared
+
+
+def cases():
+    """``(name, kernel, types, constexprs, num_warps, num_stages)`` worth compiling."""
+    for half, dim in ((64, 128), (40, 96)):
+        for interleaved in (False, True):
+            yield (f"rope R={2 * half} D={dim} interleaved={interleaved}", rope._rope_kernel,
+                   ROPE_TYPES, {"HALF": half, "D": dim, "BLOCK_S": 4, "BLOCK_H": 8,
+                                "BLOCK_R": triton.next_power_of_2(half),
+                                "BLOCK_T": triton.next_power_of_2(max(dim - 2 * half, 1)),
+                                "HAS_POS": True, "HAS_OFFSETS": interleaved,
+                                "INTERLEAVED": interleaved, "CONJUGATE": interleaved,
+                                "COPY_TAIL": 2 * half < dim}, 4, 1)
+    kernels = (("fwd", alibi_attention._alibi_attn_fwd, alibi._FWD_CONFIGS),
+               ("dq", alibi_attention._alibi_attn_bwd_dq, alibi._DQ_CONFIGS),
+               ("dkdv", alibi_attention._alibi_attn_bwd_dkdv, alibi._DKDV_CONFIGS))
+    for name, kernel, configs in kernels:
+        # The largest config at D=128 (with the key mask) and the pruned list's first at D=256.
+        for head_dim, masked in ((128, True), (256, False)):
+            meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
+                    "HAS_KEY_MASK": masked, "INPUT_PRECISION": None, "INTERPRETER": False}
+            pruned = alibi._prune_configs([alibi._config(*c) for c in configs], {}, **meta)
+            config = pruned[0]
+            yield (f"alibi {name} D={head_dim} mask={masked} {tuple(config.kwargs.values())}",
+                   kernel, ATTN_TYPES, {**meta, **config.kwargs}, config.num_warps,
+                   config.num_stages)
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, types, constexprs, num_warps, num_stages in cases():
+        try:
+            shared = compile_sm90(kernel, types, constexprs, num_warps, num_stages)
+            ok = shared <= SM90_SHARED_BYTES
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: {shared} B shared")
+        except Exception as error:  # noqa: BLE001 - report every kernel, then fail
+            ok = False
+            print(f"FAIL {name}: {type(error).__name__}: {str(error)[:300]}")
+        failed += not ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
