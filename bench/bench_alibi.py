@@ -1,6 +1,8 @@
 """ALiBi attention benchmark: posenc_triton.alibi_attention against FlexAttention, SDPA, eager.
 
-    python bench/bench_alibi.py [--out DIR] [--quick]
+    python -m posenc_triton.bench.bench_alibi [--out DIR] [--quick]
+
+(``posenc-bench`` runs it with the others.)
 
 bf16, layout bhsd, default scale 1/sqrt(D), bottom-right causal alignment. Columns:
 
@@ -32,9 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import common
 import torch
 import torch.nn.functional as F
+
+from . import common
 
 DTYPE = torch.bfloat16
 IMPLS = ["ours", "flex", "sdpa+bias", "eager", "sdpa (no bias)"]
@@ -220,7 +223,7 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
 
     torch.manual_seed(0)
     report = common.Report("alibi", IMPLS, "tflops", "TFLOP/s", DTYPE)
-    for case in cases(quick, dry):
+    for case in common.progress(cases(quick, dry), "alibi"):
         run_case(report, case, posenc_triton, reference)
         report.save_rows(out_dir)
     report.table("Time (ms, median)", "ms", "{:.3f}")
@@ -233,6 +236,4 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
 
 
 if __name__ == "__main__":
-    args = common.parse_args(__doc__)
-    failed = main(args.out, args.quick, args.cpu_dry_run).failures()
-    raise SystemExit(1 if any(r["impl"] == "ours" for r in failed) else 0)
+    raise SystemExit(common.run_script(__doc__, main))

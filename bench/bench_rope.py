@@ -1,6 +1,8 @@
 """RoPE benchmark: posenc_triton.apply_rope against eager PyTorch, torch.compile, Liger, flash-attn.
 
-    python bench/bench_rope.py [--out DIR] [--quick]
+    python -m posenc_triton.bench.bench_rope [--out DIR] [--quick]
+
+(``posenc-bench`` runs it with the others.)
 
 bf16, layout bshd, rotate-half, q and k rotated by one call. Columns:
 
@@ -33,8 +35,9 @@ import dataclasses
 import itertools
 from typing import Optional
 
-import common
 import torch
+
+from . import common
 
 DTYPE = torch.bfloat16
 IMPLS = ["ours", "eager", "compile", "liger", "flash-attn"]
@@ -220,7 +223,7 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
     report.env["copy_gbps"] = copy
     report.ceiling = ("device-to-device copy", copy)
     print(f"device-to-device copy: {copy:.0f} GB/s", flush=True)
-    for case in cases(quick, dry):
+    for case in common.progress(cases(quick, dry), "rope"):
         run_case(report, case, found, posenc_triton, reference)
         report.save_rows(out_dir)
     decode = {c.name for c in cases(quick, dry) if c.kind == "decode"}
@@ -244,6 +247,4 @@ def _vs_fastest_peer(by_impl: dict) -> str:
 
 
 if __name__ == "__main__":
-    args = common.parse_args(__doc__)
-    failed = main(args.out, args.quick, args.cpu_dry_run).failures()
-    raise SystemExit(1 if any(r["impl"] == "ours" for r in failed) else 0)
+    raise SystemExit(common.run_script(__doc__, main))

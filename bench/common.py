@@ -1,7 +1,8 @@
-"""Shared benchmark helpers: CLI, timers, ceilings, optional peers, and writing results.
+"""Shared benchmark helpers: CLI, timers, ceilings, optional peers, progress, and results.
 
-On CUDA every time is a ``triton.testing.do_bench`` median. Without CUDA (the developers'
-``--cpu-dry-run``) a ``perf_counter`` median stands in, so every code path still runs.
+On CUDA every kernel time is a ``triton.testing.do_bench`` median. Without CUDA (the
+developers' ``--cpu-dry-run``) a ``perf_counter`` median stands in, so every code path still
+runs. Results go to ``./posenc_bench_results/`` of the current directory unless ``--out``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,33 +23,81 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-RESULTS = Path(__file__).resolve().parent / "results"
+# Relative: resolved against the working directory when written (never inside site-packages).
+RESULTS = Path("posenc_bench_results")
 
 
-def parse_args(doc: str, smoke_test_without_cuda: bool = False) -> argparse.Namespace:
-    """``--out DIR``, ``--quick`` and, for a benchmark script, the hidden ``--cpu-dry-run``;
-    a benchmark script exits without CUDA unless dry-running."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (bench/results/)")
+def parse_args(doc: str, runner: bool = False) -> argparse.Namespace:
+    """``--out DIR``, ``--quick``, the hidden ``--cpu-dry-run`` and, for the runner, ``--e2e``.
+
+    A benchmark script exits without CUDA unless dry-running; the runner falls back to the
+    smoke test itself."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0].replace("``", ""))
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="output folder (default: ./posenc_bench_results)")
     parser.add_argument("--quick", action="store_true", help="a few representative shapes only")
-    if smoke_test_without_cuda:
-        return parser.parse_args()
     parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
+    if runner:
+        parser.add_argument("--e2e", action="store_true",
+                            help="also run the end-to-end training-step benchmark (bench_e2e)")
     args = parser.parse_args()
     if args.cpu_dry_run:
         use_interpreter()
-    elif not HAS_CUDA:
-        parser.exit(1, "No CUDA device found: this benchmark needs a GPU. "
-                       "`python bench/run.py` runs the CPU correctness smoke test instead.\n")
+    elif not HAS_CUDA and not runner:
+        parser.exit(1, "No CUDA device found: this benchmark needs a GPU. `posenc-bench` "
+                       "runs the CPU correctness smoke test instead.\n")
     return args
 
 
+def run_script(doc: str, main) -> int:
+    """A benchmark script's ``__main__``: parse the CLI, run ``main``, return the exit status."""
+    args = parse_args(doc)
+    return exit_status([main(args.out, args.quick, args.cpu_dry_run)])
+
+
+def exit_status(reports: list) -> int:
+    """1 if one of our rows (``report.ours``) failed its check or raised, else 0; says which."""
+    failed = [r for report in reports for r in report.failures() if r["impl"] == report.ours]
+    for row in failed:
+        print(f"OURS FAILED: {row['case']} {row['mode']}: {row.get('note') or row.get('check')}")
+    return 1 if failed else 0
+
+
+def progress(iterable, desc: str):
+    """``iterable`` behind a tqdm progress bar on a terminal's stderr; as is without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, unit="case", file=sys.stderr, disable=None, leave=False)
+
+
 def use_interpreter() -> bool:
-    """Route the package's CPU calls through Triton's interpreter; call before importing it."""
+    """Route the package's CPU calls through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+    ``triton.jit`` reads the variable when a function is decorated, Triton's own library
+    included. Run as ``posenc_triton.bench``, this code is imported after ``posenc_triton``,
+    which has imported Triton already: then the process starts again with the variable set.
+    """
     if importlib.util.find_spec("triton") is None:
         return False
-    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are imported
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        if "triton" in sys.modules:
+            restart()
     return True
+
+
+def restart() -> None:
+    """Replace this process by the same command (``python -m module`` or a script) run anew."""
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if main_spec is not None:  # python -m posenc_triton.bench[.bench_rope]
+        command = ["-m", main_spec.name.removesuffix(".__main__")]
+    else:  # the posenc-bench script, or a file
+        command = [sys.argv[0]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *command, *sys.argv[1:]])
 
 
 def environment(dtype: torch.dtype) -> dict:
@@ -81,11 +131,21 @@ def time_ms(fn) -> float:
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
+    return median_ms(fn)
+
+
+def median_ms(fn, warmup: int = 1, reps: int = 5) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn`` after ``warmup`` calls, each call timed
+    alone between device synchronisations (for calls long enough that a sync costs nothing:
+    a training step; ``time_ms`` for kernels)."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for _ in range(5):
+    for _ in range(reps):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -176,6 +236,18 @@ def attempt(fn, *args):
         return None, f"error: {type(exc).__name__}: {first}"
 
 
+def write_json(out_dir: Path, name: str, env: dict, rows: list) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.json", "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+
+
+def write_markdown(out_dir: Path, name: str, env: dict, tables: list) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    (out_dir / f"{name}.md").write_text(f"# {name}\n\n{lines}\n\n" + "\n\n".join(tables) + "\n")
+
+
 class Report:
     """Rows of one run in long form (``case``, ``mode``, ``impl``, figures, ``check``, ``note``),
     shown as wide markdown tables and saved as markdown, JSON and a PNG plot."""
@@ -185,6 +257,7 @@ class Report:
         self.env = environment(dtype)
         self.rows, self.tables = [], []
         self.ceiling = None  # (label, value) drawn as a line on the plot
+        self.ours = "ours"  # the column whose failure fails the run
 
     def add(self, **row) -> dict:
         self.rows.append(row)
@@ -235,17 +308,13 @@ class Report:
 
     def save_rows(self, out_dir: Path) -> None:
         """The JSON alone; called after every case so a run cut short keeps its rows."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / f"{self.name}.json", "w") as f:
-            json.dump({"environment": self.env, "rows": self.rows}, f, indent=1)
+        write_json(out_dir, self.name, self.env, self.rows)
 
     def write(self, out_dir: Path) -> None:
         self.save_rows(out_dir)
-        env = "\n".join(f"- {k}: {v}" for k, v in self.env.items())
-        md = f"# {self.name}\n\n{env}\n\n" + "\n\n".join(self.tables) + "\n"
-        (out_dir / f"{self.name}.md").write_text(md)
+        write_markdown(out_dir, self.name, self.env, self.tables)
         plotted = self._plot(out_dir / f"{self.name}.png")
-        print(f"\nwrote {out_dir}/{self.name}.md, .json" + (", .png" if plotted else
+        print(f"\nwrote {out_dir.resolve()}/{self.name}.md, .json" + (", .png" if plotted else
               " (no plot: matplotlib is not installed)"), flush=True)
 
     def _plot(self, path: Path) -> bool:

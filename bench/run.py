@@ -1,43 +1,45 @@
-"""The benchmarks' main job: ``python bench/run.py [--out DIR] [--quick]``.
+"""The benchmarks' main job: ``posenc-bench [--out DIR] [--quick] [--e2e]``.
 
-With CUDA: runs ``bench_rope`` and ``bench_alibi`` (``--quick``: a few shapes each), writes
-their tables, JSON and plots to the output folder (``bench/results/`` by default) and prints
-the short tables last. Exit status 1 if one of our kernels failed a check or raised.
+The same as ``python -m posenc_triton.bench``. With CUDA: runs ``bench_rope`` and
+``bench_alibi`` (``--quick``: a few shapes each) and, with ``--e2e``, ``bench_e2e`` (a
+training step of small Llama and BLOOM models, unpatched against patched), showing a progress
+bar; writes their tables, JSON and plots to the output folder (``./posenc_bench_results`` by
+default) with the GPU's name and the versions, and prints the short tables last. Exit status
+1 if one of ours failed a check or raised.
 
 Without CUDA: says so and runs a correctness smoke test instead: every kernel (apply_rope
 rotate-half and interleaved, alibi_attention causal and not, forward and backward) on tiny
-shapes through Triton's interpreter against the float64 reference; exit status 1 on a
-failure. Under a minute on a laptop.
+shapes through Triton's interpreter against the float64 reference; writes its table to
+``smoke.md`` and ``smoke.json``; exit status 1 on a failure. Under a minute on a laptop.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
-import common
 import torch
+
+from . import common
 
 # Largest error / largest |reference| allowed by input dtype (ALiBi in bf16 is the loosest).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-def gpu_benchmarks(args) -> int:
-    import bench_alibi
-    import bench_rope
+def benchmarks(args) -> int:
+    """Every benchmark script in turn (on CPU too with ``--cpu-dry-run``), then a summary."""
+    from . import bench_alibi, bench_e2e, bench_rope
 
-    reports = [bench_rope.main(args.out, args.quick), bench_alibi.main(args.out, args.quick)]
-    print(f"\n\n## Summary ({reports[0].env['gpu']}, torch {reports[0].env['torch']}, "
-          f"triton {reports[0].env['triton']}; details in {args.out}/)")
+    scripts = [bench_rope, bench_alibi] + ([bench_e2e] if args.e2e else [])
+    reports = [script.main(args.out, args.quick, args.cpu_dry_run) for script in scripts]
+    env = reports[0].env
+    print(f"\n\n## Summary ({env['gpu']}, torch {env['torch']}, triton {env['triton']}; "
+          f"details in {args.out.resolve()}/)")
     for report in reports:
         for title in ("Bandwidth", "Decode host time", "Throughput"):
             for table in report.tables:
                 if table.startswith(f"### {title}"):
                     print("\n" + table)
-    failed = [r for report in reports for r in report.failures() if r["impl"] == "ours"]
-    for row in failed:
-        print(f"OURS FAILED: {row['case']} {row['mode']}: {row.get('note') or row.get('check')}")
-    return 1 if failed else 0
+    return common.exit_status(reports)
 
 
 def smoke_cases(posenc_triton, reference) -> list:
@@ -86,7 +88,7 @@ def smoke_cases(posenc_triton, reference) -> list:
     return cases
 
 
-def smoke_test() -> int:
+def smoke_test(out_dir) -> int:
     interpreted = common.use_interpreter()  # before the package (and its kernels) is imported
     import posenc_triton
     from posenc_triton import reference
@@ -99,18 +101,27 @@ def smoke_test() -> int:
     lines = ["| kernel | fwd error | bwd error | result |", "| --- | --- | --- | --- |"]
     failed = 0
     start = time.perf_counter()
-    for name, dtype, ours, ref, inputs in smoke_cases(posenc_triton, reference):
+    rows = []
+    for name, dtype, ours, ref, inputs in common.progress(smoke_cases(posenc_triton, reference),
+                                                          "smoke test"):
         x = [t.clone().requires_grad_() for t in inputs]
         x64 = [t.detach().double().requires_grad_() for t in inputs]
         outcome, note = common.attempt(_compare, ours, ref, x, x64)
         errors = outcome or (float("inf"), float("inf"))
         ok = note is None and max(errors) <= TOLERANCE[dtype]
         failed += not ok
+        rows.append({"kernel": name, "fwd_error": errors[0], "bwd_error": errors[1],
+                     "result": "pass" if ok else "FAIL", "note": note})
         lines.append(f"| {name} | {errors[0]:.1e} | {errors[1]:.1e} | "
                      f"{'pass' if ok else 'FAIL' + (f' ({note})' if note else '')} |")
-    print("\n".join(lines))
-    print(f"\n{len(lines) - 2 - failed} passed, {failed} failed "
-          f"in {time.perf_counter() - start:.1f} s")
+    summary = (f"{len(rows) - failed} passed, {failed} failed "
+               f"in {time.perf_counter() - start:.1f} s")
+    print("\n".join(lines) + "\n\n" + summary)
+    env = {**common.environment(torch.float32), "gpu": "none (CPU smoke test)",
+           "dtype": "float32, bfloat16", "timer": "none (correctness only)"}
+    common.write_json(out_dir, "smoke", env, rows)
+    common.write_markdown(out_dir, "smoke", env, ["\n".join(lines), summary])
+    print(f"wrote {out_dir.resolve()}/smoke.md, .json")
     return 1 if failed else 0
 
 
@@ -124,10 +135,13 @@ def _compare(ours, ref, x, x64):
     return common.max_rel_error(out, out64), common.max_rel_error(grads, grads64)
 
 
-def main() -> int:
-    args = common.parse_args(__doc__, smoke_test_without_cuda=True)
-    return gpu_benchmarks(args) if common.HAS_CUDA else smoke_test()
+def cli() -> int:
+    """The ``posenc-bench`` command."""
+    args = common.parse_args(__doc__, runner=True)
+    if common.HAS_CUDA or args.cpu_dry_run:
+        return benchmarks(args)
+    return smoke_test(args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(cli())
