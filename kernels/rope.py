@@ -53,26 +53,28 @@ def _rope_tile(
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, offsets_ptr,
-    S, Hq, Hk, T, offset,
+    S, Hq, Hk, T, offset, n_s_blocks,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_qob, stride_qos, stride_qoh, stride_qod,
     stride_kob, stride_kos, stride_koh, stride_kod,
-    stride_ct, stride_st, stride_pb, stride_ps,
+    stride_ct, stride_st, stride_pb, stride_ps, stride_ob,
     HALF: tl.constexpr, D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
 ):
-    """Grid ``(cdiv(S, BLOCK_S), B, cdiv(Hq, BLOCK_H) + cdiv(Hk, BLOCK_H))``.
+    """Grid ``(B * n_s_blocks, cdiv(Hq, BLOCK_H) + cdiv(Hk, BLOCK_H))``, ``n_s_blocks =
+    cdiv(S, BLOCK_S)``: batch and sequence share axis 0, which has no 65535 limit.
 
-    q/k ``[B, S, H, D]`` (any strides), cos/sin ``[T, R/2]``, positions ``[B, S]`` (strides may
-    be 0) plus a per-batch ``offsets [B]`` or a scalar ``offset``. A position outside
+    q/k ``[B, S, H, D]`` (any strides), cos/sin ``[T, R/2]``, positions ``[B, S]`` and
+    per-batch ``offsets [B]`` (strides may be 0), or a scalar ``offset``. A position outside
     ``[0, T)`` reads NaN instead of memory it does not own, so it can never pass unnoticed.
     """
-    pid_s = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2)
+    pid = tl.program_id(0)
+    b = (pid // n_s_blocks).to(tl.int64)
+    pid_s = pid % n_s_blocks
+    pid_h = tl.program_id(1)
 
     s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     if HAS_POS:
@@ -80,7 +82,7 @@ def _rope_kernel(
     else:
         pos = s
     if HAS_OFFSETS:
-        pos += tl.load(offsets_ptr + b).to(tl.int64)
+        pos += tl.load(offsets_ptr + b * stride_ob).to(tl.int64)
     else:
         pos += offset
 

@@ -17,6 +17,7 @@ from posenc_triton import _backend
 from posenc_triton.reference import alibi_attention_reference, alibi_slopes_list
 
 MAX_HEAD_DIM = 256
+_MAX_GRID = 65535  # grid axes 1 and 2 carry heads and batch
 _LAYOUTS = ("bhsd", "bshd")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -79,6 +80,9 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (last dim of q, k, v) must be in 1..{MAX_HEAD_DIM}, "
                          f"got {head_dim}")
+    if batch > _MAX_GRID or num_heads > _MAX_GRID:
+        raise ValueError(f"batch ({batch}) and q's head count ({num_heads}) must each be at most "
+                         f"{_MAX_GRID} (CUDA grid limit); split the batch")
     num_kv_heads = k.shape[hd]
     if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
         raise ValueError(f"q's head count {num_heads} must be a multiple of k's and v's "

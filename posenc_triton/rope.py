@@ -73,18 +73,20 @@ def rope_forward(
     has_pos = position_ids is not None
     pos = position_ids if has_pos else cos  # unused pointer when has_pos is False
     pos_strides = position_ids.stride() if has_pos else (0, 0)
-    offsets = seqlen_offsets if seqlen_offsets is not None else cos
-    grid = (cdiv(seqlen, block_s), batch, cdiv(hq, block_h) + cdiv(hk, block_h))
+    has_offsets = seqlen_offsets is not None
+    offsets = seqlen_offsets if has_offsets else cos
+    n_s_blocks = cdiv(seqlen, block_s)
+    grid = (batch * n_s_blocks, cdiv(hq, block_h) + cdiv(hk, block_h))
     kernel = launcher(_rope_kernel) if wrap else _rope_kernel
     kernel[grid](
         q, k, q_out, k_out, cos, sin, pos, offsets,
-        seqlen, hq, hk, cos.shape[0], offset,
+        seqlen, hq, hk, cos.shape[0], offset, n_s_blocks,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        cos.stride(0), sin.stride(0), *pos_strides,
+        cos.stride(0), sin.stride(0), *pos_strides, offsets.stride(0) if has_offsets else 0,
         HALF=half, D=dim,
         BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_R=block_r,
         BLOCK_T=next_power_of_2(max(dim - 2 * half, 1)),
-        HAS_POS=has_pos, HAS_OFFSETS=seqlen_offsets is not None,
+        HAS_POS=has_pos, HAS_OFFSETS=has_offsets,
         INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
         num_warps=4,
     )
@@ -200,16 +202,16 @@ def _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout):
         if position_ids.device != q.device:
             raise ValueError(f"position_ids must be on q's device {q.device}, "
                              f"got {position_ids.device}")
-        if tuple(position_ids.shape) not in ((seqlen,), (batch, seqlen)):
-            raise ValueError(f"position_ids must be [S]={[seqlen]} or [B, S]={[batch, seqlen]}, "
-                             f"got {list(position_ids.shape)}")
+        if tuple(position_ids.shape) not in ((seqlen,), (1, seqlen), (batch, seqlen)):
+            raise ValueError(f"position_ids must be [S]={[seqlen]}, [1, S] or "
+                             f"[B, S]={[batch, seqlen]}, got {list(position_ids.shape)}")
     if isinstance(seqlen_offsets, torch.Tensor):
         _check_tensor("seqlen_offsets", seqlen_offsets, _INT_DTYPES)
         if seqlen_offsets.device != q.device:
             raise ValueError(f"seqlen_offsets must be on q's device {q.device}, "
                              f"got {seqlen_offsets.device}")
-        if tuple(seqlen_offsets.shape) != (batch,):
-            raise ValueError(f"seqlen_offsets must be an int or a [B]={[batch]} tensor, "
+        if tuple(seqlen_offsets.shape) not in ((), (batch,)):
+            raise ValueError(f"seqlen_offsets must be an int, a 0-d or a [B]={[batch]} tensor, "
                              f"got shape {list(seqlen_offsets.shape)}")
     elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
         raise TypeError(f"seqlen_offsets must be an int or an integer tensor, "
@@ -263,8 +265,9 @@ def apply_rope(
         k: the same with ``Hk`` heads, or None to rotate ``q`` alone (``k_out`` is then None).
         cos, sin: ``[T, R/2]`` tables from :func:`rope_cos_sin`; ``R <= D`` is the rotary
             width, ``q[..., R:]`` passes through.
-        position_ids: integer ``[S]`` or ``[B, S]``: the table row of each token.
-        seqlen_offsets: int or integer ``[B]`` added to every position (KV-cache decode).
+        position_ids: integer ``[S]``, ``[1, S]`` or ``[B, S]``: the table row of each token.
+        seqlen_offsets: int, or integer 0-d or ``[B]`` tensor, added to every position
+            (KV-cache decode).
         interleaved: rotate pairs ``(x[2i], x[2i+1])`` (GPT-J) instead of halves (NeoX/Llama).
         inplace: write into ``q`` and ``k`` instead of new tensors.
     """
@@ -287,7 +290,7 @@ def apply_rope(
         sin = sin.contiguous()
     if position_ids is not None:
         position_ids = position_ids.expand(batch, seqlen)
-    offsets = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
+    offsets = seqlen_offsets.expand(batch) if isinstance(seqlen_offsets, torch.Tensor) else None
     offset = 0 if offsets is not None else seqlen_offsets
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         q_out, k_out = RopeFunction.apply(q, k, cos, sin, position_ids, offsets, offset,

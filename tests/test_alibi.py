@@ -515,3 +515,9 @@ def test_gpu_past_2_31_elements():
     ref = alibi_attention_reference(q[-1:], k[-1:], v[-1:])
     torch.testing.assert_close(out[-1:].float(), ref.float(), rtol=2e-2, atol=2e-2)
 
+
+
+def test_error_batch_past_grid_limit():
+    q = torch.randn(65536, 1, 1, 16, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="batch .* at most 65535"):
+        alibi_attention(q, q, q)

@@ -72,15 +72,20 @@ def test_matches_reference(shape, layout, interleaved, dtype):
     check(q, k, cos, sin, interleaved=interleaved, layout=layout)
 
 
-@pytest.mark.parametrize("pos_shape", ["S", "BS"])
-@pytest.mark.parametrize("offsets", ["int", "tensor"])
+@pytest.mark.parametrize("pos_shape", ["S", "1S", "BS"])
+@pytest.mark.parametrize("offsets", ["int", "0-d", "tensor", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_positions_and_offsets(pos_shape, offsets, dtype):
     b, s, hq, hk, d = 3, 11, 4, 2, 64
     cos, sin = tables(d, length=64)
-    size = (s,) if pos_shape == "S" else (b, s)
+    size = {"S": (s,), "1S": (1, s), "BS": (b, s)}[pos_shape]
     position_ids = torch.randint(0, 40, size, device=DEVICE)
-    seqlen_offsets = 7 if offsets == "int" else torch.tensor([0, 5, 23], device=DEVICE)
+    seqlen_offsets = {
+        "int": 7,
+        "0-d": torch.tensor(9, device=DEVICE),
+        "tensor": torch.tensor([0, 5, 23], device=DEVICE),
+        "strided": torch.tensor([0, -1, 5, -1, 23, -1], device=DEVICE)[::2],  # a strided view
+    }[offsets]
     q, k = make((b, s, hq, d), dtype), make((b, s, hk, d), dtype)
     check(q, k, cos, sin, position_ids=position_ids, seqlen_offsets=seqlen_offsets)
 
@@ -301,6 +306,15 @@ def test_cuda_real_shape(hk, dtype):
     cos, sin = tables(128, length=4096)
     q, k = make((8, 4096, 32, 128), dtype), make((8, 4096, hk, 128), dtype)
     check(q, k, cos, sin)
+
+
+@requires_cuda
+def test_cuda_batch_past_grid_limit():
+    # Batch shares grid axis 0 with the sequence blocks: B > 65535 must launch.
+    cos, sin = tables(64, length=8)
+    q = make((70000, 1, 1, 64), torch.bfloat16, requires_grad=False)
+    offsets = torch.randint(0, 8, (70000,), device=DEVICE)
+    check(q, None, cos, sin, grads=False, seqlen_offsets=offsets)
 
 
 @requires_cuda
