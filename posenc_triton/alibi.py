@@ -23,12 +23,27 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
-    """ALiBi slopes, float32 ``[num_heads]`` (Press et al.; BLOOM's rule for other counts)."""
+    """ALiBi slopes, float32 ``[num_heads]`` (Press et al.; BLOOM's rule for other counts).
+
+    Bit for bit the slopes of BLOOM's ``build_alibi_tensor`` (float32 powers of a float32
+    base, on the CPU), so checkpoints trained with them see exactly their slopes; they are
+    within a few float32 ulps of the exact values of ``reference.alibi_slopes_list``.
+    """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    # Built in float64 and rounded once, so every head count gets correctly rounded slopes.
-    slopes = torch.tensor(alibi_slopes_list(num_heads), dtype=torch.float64)
-    return slopes.to(device=device, dtype=torch.float32)
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = torch.pow(_bloom_base(closest), torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra = min(closest, num_heads - closest)
+        odd = torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(_bloom_base(2 * closest), odd)])
+    return slopes.to(device)
+
+
+def _bloom_base(n: int) -> torch.Tensor:
+    """BLOOM's float32 base ``2^(-8/n)`` of the slopes of ``n`` heads."""
+    return torch.tensor(2 ** (-(2 ** -(math.log2(n) - 3))), dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=None)

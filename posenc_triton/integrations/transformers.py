@@ -34,14 +34,24 @@ from typing import Callable, Optional
 
 import torch
 
+from posenc_triton.integrations._bloom import (
+    apply_to_bloom,
+    patch_bloom,
+    patched_bloom_attentions,
+    unpatch_bloom,
+)
 from posenc_triton.rope import apply_rope
 
 __all__ = [
     "DEFAULT_MODULES",
+    "apply_to_bloom",
     "apply_to_llama",
     "fused_apply_rotary_pos_emb",
+    "patch_bloom",
     "patch_rope",
+    "patched_bloom_attentions",
     "patched_modules",
+    "unpatch_bloom",
     "unpatch_rope",
 ]
 
