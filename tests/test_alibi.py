@@ -12,10 +12,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, assert_close, requires_cuda
+from conftest import DEVICE, TOLERANCES, assert_close, poison, requires_cuda
 
 import posenc_triton
 from posenc_triton import _backend
+from posenc_triton import alibi as alibi_module
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import alibi_attention_reference
 
@@ -532,3 +533,12 @@ def test_error_batch_past_grid_limit():
     q = torch.randn(65536, 1, 1, 16, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="batch .* at most 65535"):
         alibi_attention(q, q, q)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_every_output_element_written(monkeypatch, layout):
+    # out, dq, dk and dv start as NaN: an element a kernel leaves unwritten fails the check.
+    allocate = alibi_module._empty_bhsd
+    monkeypatch.setattr(alibi_module, "_empty_bhsd", lambda *a: poison(allocate(*a)))
+    torch.manual_seed(31)
+    _check(_make_qkv(2, 4, 2, 37, 19, 40, torch.float32, layout), layout=layout)
