@@ -29,7 +29,7 @@ def rope_positions(
     else:
         pos = position_ids.to(torch.int64).expand(batch, seqlen)
     if isinstance(seqlen_offsets, torch.Tensor):
-        return pos + seqlen_offsets.to(torch.int64).view(batch, 1)
+        return pos + seqlen_offsets.to(torch.int64).reshape(-1, 1)  # 0-d or [B]
     return pos + seqlen_offsets
 
 
@@ -136,6 +136,7 @@ def alibi_attention_reference(
     layout: str = "bhsd",
     upcast: bool = True,
     key_padding_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Reference for :func:`posenc_triton.alibi_attention`, materialising ``Sq x Sk`` scores.
 
@@ -143,6 +144,8 @@ def alibi_attention_reference(
     ``upcast=False`` runs the matmuls in the input dtype with a ``float32`` softmax, which is
     the "same-dtype PyTorch" baseline of the error rule. ``key_padding_mask`` bool ``[B, Sk]``
     (True = keep) masks padded keys for every query. Rows with no visible key give 0.
+    ``dropout_p > 0`` zeroes attention probabilities with that probability (and rescales
+    the rest by ``1 / (1 - dropout_p)``), as ``F.scaled_dot_product_attention`` does.
     """
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -166,7 +169,185 @@ def alibi_attention_reference(
     # no gradient.
     empty = torch.isinf(bias).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
     out = probs.to(compute) @ v
     if layout == "bshd":
         out = out.transpose(1, 2)
     return out.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention modules: the textbook multi-head self-attention with each encoding
+# ----------------------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class _SelfAttention(torch.nn.Module):
+    """Projections and argument checks shared by the attention modules (fast and reference).
+
+    ``q_proj: d_model -> d_model``, ``k_proj, v_proj: d_model -> num_kv_heads * head_dim``,
+    ``o_proj: d_model -> d_model``, with ``head_dim = d_model // num_heads``. The parameter
+    names are the same in every module, so ``load_state_dict`` moves weights between them.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
+                 dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("num_heads", num_heads)
+        _check_positive_int("max_seq_len", max_seq_len)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads} (GQA/MQA)")
+        if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                or not 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.max_seq_len, self.dropout = max_seq_len, float(dropout)
+        kv_dim = num_kv_heads * self.head_dim
+        factory = {"bias": bias, "device": device, "dtype": dtype}
+        self.q_proj = torch.nn.Linear(d_model, d_model, **factory)
+        self.k_proj = torch.nn.Linear(d_model, kv_dim, **factory)
+        self.v_proj = torch.nn.Linear(d_model, kv_dim, **factory)
+        self.o_proj = torch.nn.Linear(d_model, d_model, **factory)
+
+    def _check_input(self, x, attention_mask, is_causal) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, S, d_model={self.d_model}], got shape "
+                             f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        if attention_mask is None:
+            return
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError("attention_mask must be a torch.Tensor or None, "
+                            f"got {type(attention_mask).__name__}")
+        if attention_mask.dtype != torch.bool:
+            raise TypeError("attention_mask must be a bool tensor (True = keep), "
+                            f"got {attention_mask.dtype}")
+        if tuple(attention_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"attention_mask must have shape [B, S] = {list(x.shape[:2])}, "
+                             f"got {list(attention_mask.shape)}")
+        if attention_mask.device != x.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but x is on "
+                             f"{x.device}")
+
+    def _project(self, x: torch.Tensor):
+        """``q [B, S, H, D]``, ``k, v [B, S, Hk, D]``: views of the projections' outputs."""
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"dropout={self.dropout}")
+
+
+class RoPEAttentionReference(_SelfAttention):
+    """Reference for :class:`posenc_triton.RoPEAttention`: same constructor, forward, parameters.
+
+    Rotates q and k with :func:`apply_rope_reference`, then materialises the scores
+    ``q k^T / sqrt(D)``, masks them, applies softmax (float32, or float64 for float64
+    modules), dropout (training mode) and multiplies by ``v``. The matmuls run in the
+    module's dtype: in float64 this is the ground truth, in bf16/fp16 the same-dtype baseline.
+    ``attention_mask`` bool ``[B, S]`` (True = keep) hides padded keys; a query row with no
+    visible key outputs 0.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
+                 dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
+                 bias: bool = False, rotary_dim: Optional[int] = None, base: float = 10000.0,
+                 scaling: Optional[dict] = None, interleaved: bool = False,
+                 device=None, dtype=None):
+        super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
+                         bias=bias, device=device, dtype=dtype)
+        rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
+                or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2):
+            raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
+                             f"got {rotary_dim!r}")
+        self.rotary_dim, self.base, self.scaling = rotary_dim, base, scaling
+        self.interleaved = interleaved
+
+    def _cos_sin(self, seqlen: int, position_ids: Optional[torch.Tensor], device):
+        """Tables for positions ``0 .. max position``; length-dependent scalings (dynamic,
+        longrope) use ``max(max_seq_len, positions)`` as the sequence length."""
+        from posenc_triton.rope_scaling import rope_cos_sin, rope_frequencies
+
+        needed = seqlen
+        if position_ids is not None:
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        inv_freq, attention_scaling = rope_frequencies(
+            self.rotary_dim, self.base, self.scaling, device=device,
+            max_position_embeddings=self.max_seq_len, seq_len=max(needed, self.max_seq_len))
+        return rope_cos_sin(needed, inv_freq, attention_scaling)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, *,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input(x, attention_mask, is_causal)
+        batch, seqlen, _ = x.shape
+        q, k, v = self._project(x)
+        cos, sin = self._cos_sin(seqlen, position_ids, x.device)
+        q, k = apply_rope_reference(q, k, cos, sin, position_ids=position_ids,
+                                    interleaved=self.interleaved)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        group = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        soft = torch.promote_types(q.dtype, torch.float32)
+        scores = (q @ k.transpose(-1, -2)).to(soft) / math.sqrt(self.head_dim)
+        # keep[b, 0, i, j]: query i may look at key j
+        keep = torch.ones(1, 1, 1, seqlen, dtype=torch.bool, device=x.device)
+        if is_causal:
+            keep = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()[None, None]
+        if attention_mask is not None:
+            keep = keep & attention_mask[:, None, None, :]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        empty = ~keep.any(dim=-1, keepdim=True)  # rows with no visible key output 0
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        probs = torch.nn.functional.dropout(probs, self.dropout, self.training)
+        out = probs.to(q.dtype) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.d_model))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, rotary_dim={self.rotary_dim}, base={self.base}, "
+                f"scaling={self.scaling}, interleaved={self.interleaved}")
+
+
+class ALiBiAttentionReference(_SelfAttention):
+    """Reference for :class:`posenc_triton.ALiBiAttention`: same constructor, forward, parameters.
+
+    Projects, then runs :func:`alibi_attention_reference` (materialised scores, ALiBi bias,
+    masks, softmax, dropout in training mode, PV) in the module's dtype with the default
+    slopes :func:`alibi_slopes_list`. ``attention_mask`` bool ``[B, S]`` (True = keep).
+    """
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        self._check_input(x, attention_mask, is_causal)
+        batch, seqlen, _ = x.shape
+        q, k, v = self._project(x)
+        out = alibi_attention_reference(
+            q, k, v, None, is_causal=is_causal, layout="bshd", upcast=False,
+            key_padding_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.reshape(batch, seqlen, self.d_model))

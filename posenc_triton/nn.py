@@ -1,0 +1,183 @@
+"""Multi-head self-attention modules with RoPE or ALiBi, on the package's kernels.
+
+Both are the textbook layer, ``o_proj(attention(q_proj(x), k_proj(x), v_proj(x)))``, with
+grouped-query attention (``num_kv_heads``) and a boolean key padding mask; only the
+position encoding and the attention call are the fast ones:
+
+* :class:`RoPEAttention` rotates q and k with :class:`~posenc_triton.RotaryEmbedding` (one
+  launch for both, reading the projections' ``[B, S, H, D]`` views in place), then calls
+  ``F.scaled_dot_product_attention``.
+* :class:`ALiBiAttention` calls :func:`~posenc_triton.alibi_attention` (the fused ALiBi
+  kernel, padding mask included) on the ``[B, S, H, D]`` views.
+
+Their plain counterparts, :class:`~posenc_triton.reference.RoPEAttentionReference` and
+:class:`~posenc_triton.reference.ALiBiAttentionReference`, share the constructor, the forward
+signature and the parameter names, so ``load_state_dict`` moves weights between them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from posenc_triton.alibi import MAX_HEAD_DIM, alibi_attention, alibi_slopes
+from posenc_triton.reference import _SelfAttention, alibi_attention_reference
+from posenc_triton.rope import RotaryEmbedding
+
+__all__ = ["ALiBiAttention", "RoPEAttention"]
+
+# SDPA's ``enable_gqa`` appeared in torch 2.5; older versions repeat the k/v heads instead.
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_HAS_ENABLE_GQA = _TORCH_VERSION >= (2, 5)
+
+# Position tables: built in float64, stored in float32 (DESIGN.md), whatever the weights are.
+_FLOAT32_TABLES = ("inv_freq", "cos_cached", "sin_cached", "slopes")
+
+
+class _Float32Tables:
+    """Mixin: ``.to(dtype)``, ``.half()``, ``.bfloat16()`` move the position tables (RoPE's
+    cos/sin, ALiBi's slopes) with the module but keep them float32, like the kernels expect;
+    the weights are cast as usual."""
+
+    def _apply(self, fn, recurse=True):
+        tables = [(module, name, buf) for module in self.modules()
+                  for name, buf in module._buffers.items()
+                  if name in _FLOAT32_TABLES and buf is not None and buf.dtype == torch.float32]
+        super()._apply(fn, recurse)
+        for module, name, before in tables:
+            after = module._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                module._buffers[name] = before.to(after.device)
+        return self
+
+
+class RoPEAttention(_Float32Tables, _SelfAttention):
+    """Multi-head self-attention with rotary position embeddings (Llama / GPT-NeoX style).
+
+    Args:
+        d_model: model width; ``head_dim = d_model // num_heads``.
+        num_heads: query heads; must divide ``d_model``.
+        max_seq_len: initial size of the cos/sin cache (it grows on demand); the
+            ``max_position_embeddings`` of length-dependent ``scaling``.
+        dropout: attention dropout probability, applied in training mode only.
+        num_kv_heads: key/value heads (GQA/MQA); must divide ``num_heads``. Default
+            ``num_heads``.
+        bias: whether the four projections have a bias.
+        rotary_dim, base, scaling, interleaved: as for :class:`RotaryEmbedding`.
+
+    ``forward(x, attention_mask=None, is_causal=False, *, position_ids=None)``:
+
+    * ``x``: ``[B, S, d_model]``; returns ``[B, S, d_model]``.
+    * ``attention_mask``: bool ``[B, S]``, True = a real token, False = padding (Hugging
+      Face's / flash-attn's convention, as a bool). Padded keys are hidden from every query;
+      a query that sees no key at all (a fully padded sequence, or left padding with
+      ``is_causal``) outputs 0 (SDPA alone would give NaN). Padded queries still get an
+      output; ignore it.
+    * ``is_causal``: query ``i`` sees keys ``j <= i``; combined with ``attention_mask``.
+    * ``position_ids``: optional integer ``[S]`` or ``[B, S]`` positions for the rotation
+      (default ``arange(S)``), e.g. ``attention_mask.cumsum(-1) - 1`` for left padding.
+
+    Without a mask, ``is_causal`` goes to SDPA as its flag (the flash kernels); with one, the
+    mask is materialised as a bool ``[B, 1, S or 1, S]`` ``attn_mask``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
+                 dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
+                 bias: bool = False, rotary_dim: Optional[int] = None, base: float = 10000.0,
+                 scaling: Optional[dict] = None, interleaved: bool = False,
+                 device=None, dtype=None):
+        super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
+                         bias=bias, device=device, dtype=dtype)
+        rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
+                or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2):
+            raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
+                             f"got {rotary_dim!r}")
+        self.rotary = RotaryEmbedding(self.head_dim, rotary_dim, base, max_seq_len, scaling,
+                                      interleaved, layout="bshd", device=device)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, *,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input(x, attention_mask, is_causal)
+        batch, seqlen, _ = x.shape
+        q, k, v = self._project(x)
+        q, k = self.rotary(q, k, position_ids=position_ids)  # one launch, strided views
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views for SDPA
+        dropout_p = self.dropout if self.training else 0.0
+        gqa = self.num_kv_heads != self.num_heads
+        if attention_mask is None:
+            if gqa and not _SDPA_HAS_ENABLE_GQA:
+                k, v = _repeat_kv(k, v, self.num_heads)
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=is_causal,
+                **({"enable_gqa": True} if gqa and _SDPA_HAS_ENABLE_GQA else {}))
+        else:
+            keep = attention_mask[:, None, None, :]  # [B, 1, 1, S]
+            if is_causal:
+                causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
+                keep = keep & causal  # [B, 1, S, S]
+            # A row with no visible key would be NaN in SDPA: let it see every key, then
+            # zero its output (which also zeroes its gradient).
+            has_key = keep.any(dim=-1, keepdim=True)
+            if gqa:  # SDPA's memory-efficient kernel (masks) takes no enable_gqa
+                k, v = _repeat_kv(k, v, self.num_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~has_key,
+                                                 dropout_p=dropout_p)
+            out = out.masked_fill(~has_key, 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.d_model))
+
+
+class ALiBiAttention(_Float32Tables, _SelfAttention):
+    """Multi-head self-attention with ALiBi (BLOOM / MPT style) on the fused kernel.
+
+    Args: ``d_model``, ``num_heads``, ``max_seq_len`` (unused by ALiBi, accepted for a
+    common signature), ``dropout``, ``num_kv_heads``, ``bias`` as for :class:`RoPEAttention`;
+    ``head_dim = d_model // num_heads`` must be at most 256. The slopes
+    (:func:`alibi_slopes`) are a float32 non-persistent buffer ``slopes [num_heads]``: they
+    follow the module's device, stay float32 when the weights are cast, are not in the
+    ``state_dict``, and may be replaced by custom slopes.
+
+    ``forward(x, attention_mask=None, is_causal=False)``: ``x [B, S, d_model]`` →
+    ``[B, S, d_model]``; ``attention_mask`` bool ``[B, S]`` (True = real token, False =
+    padding) hides padded keys from every query, and a query with no visible key outputs 0;
+    ``is_causal`` uses the causal ALiBi bias (``-m (i - j)`` for ``j <= i``), otherwise the
+    symmetric one (``-m |i - j|``, encoders).
+
+    Attention dropout: the fused kernel has none, so in training mode with ``dropout > 0``
+    the module falls back to the reference path (:func:`alibi_attention_reference`, which
+    materialises the ``S x S`` scores and drops attention probabilities); in eval mode, or
+    with ``dropout=0``, it always runs the kernel.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
+                 dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
+                         bias=bias, device=device, dtype=dtype)
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim = d_model // num_heads = {d_model} // {num_heads} = "
+                             f"{self.head_dim} exceeds ALiBi's maximum {MAX_HEAD_DIM}")
+        self.register_buffer("slopes", alibi_slopes(num_heads, device), persistent=False)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        self._check_input(x, attention_mask, is_causal)
+        batch, seqlen, _ = x.shape
+        q, k, v = self._project(x)  # [B, S, H, D] views: the kernel reads them in place
+        if self.training and self.dropout > 0:
+            out = alibi_attention_reference(q, k, v, self.slopes, is_causal=is_causal,
+                                            layout="bshd", key_padding_mask=attention_mask,
+                                            dropout_p=self.dropout)
+        else:
+            out = alibi_attention(q, k, v, self.slopes, is_causal=is_causal, layout="bshd",
+                                  key_padding_mask=attention_mask)
+        return self.o_proj(out.reshape(batch, seqlen, self.d_model))
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int):
+    """``[B, Hk, S, D]`` → ``[B, num_heads, S, D]``: each k/v head serves its query group."""
+    group = num_heads // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
