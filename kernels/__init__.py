@@ -1,1 +1,4 @@
-"""Triton kernels (``@triton.jit`` only), shipped as ``posenc_triton.kernels``. One file per family."""
+"""Triton kernels (``@triton.jit`` only), shipped as ``posenc_triton.kernels``.
+
+One file per kernel family.
+"""

@@ -115,7 +115,8 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
-        acc = acc * alpha[:, None] + _dot(_narrow(p, v.dtype, INTERPRETER), v, INPUT_PRECISION, INTERPRETER)
+        pv = _dot(_narrow(p, v.dtype, INTERPRETER), v, INPUT_PRECISION, INTERPRETER)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
 

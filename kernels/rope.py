@@ -20,7 +20,7 @@ def _rope_tile(
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr,
 ):
-    """Rotate the ``[BLOCK_S, BLOCK_H, R]`` tile of ``x`` at tokens ``s``, heads ``h`` into ``o``."""
+    """Rotate the ``[BLOCK_S, BLOCK_H, R]`` tile of ``x`` (tokens ``s``, heads ``h``) into ``o``."""
     r = tl.arange(0, BLOCK_R)
     row_mask = (s < S)[:, None, None] & (h < H)[None, :, None]
     mask = row_mask & (r < HALF)[None, None, :]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from posenc_triton import _backend
-from posenc_triton.reference import alibi_attention_reference, alibi_slopes_list
+from posenc_triton.reference import alibi_attention_reference
 
 MAX_HEAD_DIM = 256
 _MAX_GRID = 65535  # grid axes 1 and 2 carry heads and batch
@@ -46,7 +46,7 @@ def _bloom_base(n: int) -> torch.Tensor:
     return torch.tensor(2 ** (-(2 ** -(math.log2(n) - 3))), dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return alibi_slopes(num_heads, device)
 
@@ -165,7 +165,7 @@ _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages":
 _PREPROCESS_BLOCK_M = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels(interpreting: bool):
     """``(fwd, preprocess, dkdv, dq)``; autotuned on GPU, raw kernels under the interpreter."""
     import triton

@@ -70,7 +70,7 @@ def apply_rope_reference(
     interleaved: bool = False,
     layout: str = "bshd",
 ):
-    """Reference for :func:`posenc_triton.apply_rope`; same arguments, returns ``(q_out, k_out)``."""
+    """Reference for :func:`posenc_triton.apply_rope` (same arguments): ``(q_out, k_out)``."""
     if layout == "bhsd":
         q = q.transpose(1, 2)
         k = None if k is None else k.transpose(1, 2)
@@ -100,7 +100,7 @@ def alibi_slopes_list(num_heads: int) -> list:
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
 
-    closest = 2 ** int(math.floor(math.log2(num_heads)))
+    closest = 2 ** math.floor(math.log2(num_heads))
     slopes = geometric(closest)
     if closest != num_heads:
         slopes += geometric(2 * closest)[0::2][: num_heads - closest]

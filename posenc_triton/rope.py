@@ -327,7 +327,8 @@ class RotaryEmbedding(torch.nn.Module):
         if not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         if not isinstance(rotary_dim, int) or rotary_dim > head_dim:
-            raise ValueError(f"rotary_dim must be an int <= head_dim={head_dim}, got {rotary_dim!r}")
+            raise ValueError(f"rotary_dim must be an int <= head_dim={head_dim}, "
+                             f"got {rotary_dim!r}")
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         self.head_dim, self.rotary_dim, self.base = head_dim, rotary_dim, base

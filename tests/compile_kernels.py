@@ -10,19 +10,19 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are imported: real @triton.jit
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from posenc_triton import alibi  # noqa: E402
-from posenc_triton.kernels import alibi_attention, rope  # noqa: E402
+from posenc_triton import alibi
+from posenc_triton.kernels import alibi_attention, rope
 
 SM90 = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block
 
 ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "*bf16",
               "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "offsets_ptr": "*i64"}
-ATTN_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
+ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16"),
               "LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "KPM": "*u8",
               "sm_scale": "fp32"}
 
@@ -75,7 +75,7 @@ def main() -> int:
             shared = compile_sm90(kernel, types, constexprs, num_warps, num_stages)
             ok = shared <= SM90_SHARED_BYTES
             print(f"{'ok  ' if ok else 'FAIL'} {name}: {shared} B shared")
-        except Exception as error:  # noqa: BLE001 - report every kernel, then fail
+        except Exception as error:
             ok = False
             print(f"FAIL {name}: {type(error).__name__}: {str(error)[:300]}")
         failed += not ok

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, assert_close, poison, requires_cuda
 
 import posenc_triton
+from conftest import DEVICE, TOLERANCES, assert_close, poison, requires_cuda
 from posenc_triton import _backend
 from posenc_triton import alibi as alibi_module
 from posenc_triton.alibi import alibi_attention, alibi_slopes
@@ -64,8 +64,8 @@ def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd",
     """Kernel vs float64 reference (and the same-dtype reference for fp16/bf16); with a
     ``key_padding_mask``, the gradients of padded keys must be exactly 0."""
     dtype = inputs[0].dtype
-    kwargs = dict(is_causal=is_causal, scale=scale, layout=layout,
-                  key_padding_mask=key_padding_mask)
+    kwargs = {"is_causal": is_causal, "scale": scale, "layout": layout,
+                  "key_padding_mask": key_padding_mask}
     originals = [t.clone() for t in inputs]
     out, grads, grad_out = _fwd_bwd(lambda *t: alibi_attention(*t, slopes, **kwargs), inputs)
     for t, orig in zip(inputs, originals):
@@ -382,47 +382,47 @@ def test_default_slopes_match_explicit():
 
 
 def _qkv(device="cpu"):
-    return dict(q=_randn(1, 4, 8, 16, dtype=torch.float16, device=device),
-                k=_randn(1, 2, 8, 16, dtype=torch.float16, device=device),
-                v=_randn(1, 2, 8, 16, dtype=torch.float16, device=device))
+    return {"q": _randn(1, 4, 8, 16, dtype=torch.float16, device=device),
+                "k": _randn(1, 2, 8, 16, dtype=torch.float16, device=device),
+                "v": _randn(1, 2, 8, 16, dtype=torch.float16, device=device)}
 
 
 @pytest.mark.parametrize("over,kwargs,exc,match", [
-    (dict(q=_randn(4, 8, 16, dtype=torch.float16, device="cpu")), {}, ValueError, "q must be 4-D"),
-    (dict(k=[1, 2]), {}, TypeError, "k must be a torch.Tensor"),
-    (dict(v=_randn(1, 2, 8, 16, dtype=torch.float32, device="cpu")), {}, TypeError,
+    ({"q": _randn(4, 8, 16, dtype=torch.float16, device="cpu")}, {}, ValueError, "q must be 4-D"),
+    ({"k": [1, 2]}, {}, TypeError, "k must be a torch.Tensor"),
+    ({"v": _randn(1, 2, 8, 16, dtype=torch.float32, device="cpu")}, {}, TypeError,
      "v has dtype"),
-    (dict(q=torch.ones(1, 4, 8, 16, dtype=torch.int32)), {}, TypeError, "q must be float16"),
-    (dict(k=_randn(2, 2, 8, 16, dtype=torch.float16, device="cpu"),
-          v=_randn(2, 2, 8, 16, dtype=torch.float16, device="cpu")), {}, ValueError,
+    ({"q": torch.ones(1, 4, 8, 16, dtype=torch.int32)}, {}, TypeError, "q must be float16"),
+    ({"k": _randn(2, 2, 8, 16, dtype=torch.float16, device="cpu"),
+          "v": _randn(2, 2, 8, 16, dtype=torch.float16, device="cpu")}, {}, ValueError,
      "k has batch"),
-    (dict(v=_randn(1, 2, 9, 16, dtype=torch.float16, device="cpu")), {}, ValueError,
+    ({"v": _randn(1, 2, 9, 16, dtype=torch.float16, device="cpu")}, {}, ValueError,
      "k and v must have the same shape"),
-    (dict(k=_randn(1, 2, 8, 8, dtype=torch.float16, device="cpu"),
-          v=_randn(1, 2, 8, 8, dtype=torch.float16, device="cpu")), {}, ValueError, "head dim"),
-    (dict(q=_randn(1, 4, 8, 320, dtype=torch.float16, device="cpu"),
-          k=_randn(1, 2, 8, 320, dtype=torch.float16, device="cpu"),
-          v=_randn(1, 2, 8, 320, dtype=torch.float16, device="cpu")), {}, ValueError,
+    ({"k": _randn(1, 2, 8, 8, dtype=torch.float16, device="cpu"),
+          "v": _randn(1, 2, 8, 8, dtype=torch.float16, device="cpu")}, {}, ValueError, "head dim"),
+    ({"q": _randn(1, 4, 8, 320, dtype=torch.float16, device="cpu"),
+          "k": _randn(1, 2, 8, 320, dtype=torch.float16, device="cpu"),
+          "v": _randn(1, 2, 8, 320, dtype=torch.float16, device="cpu")}, {}, ValueError,
      "head dim.*256"),
-    (dict(k=_randn(1, 3, 8, 16, dtype=torch.float16, device="cpu"),
-          v=_randn(1, 3, 8, 16, dtype=torch.float16, device="cpu")), {}, ValueError,
+    ({"k": _randn(1, 3, 8, 16, dtype=torch.float16, device="cpu"),
+          "v": _randn(1, 3, 8, 16, dtype=torch.float16, device="cpu")}, {}, ValueError,
      "multiple of"),
-    ({}, dict(layout="sbhd"), ValueError, "layout"),
-    ({}, dict(slopes=torch.ones(4, dtype=torch.float64)), TypeError, "slopes must be float32"),
-    ({}, dict(slopes=torch.ones(2)), ValueError, r"slopes must have shape \[4\]"),
-    ({}, dict(slopes=torch.ones(3, 4)), ValueError, "slopes must have shape"),
-    ({}, dict(scale=float("nan")), TypeError, "scale"),
-    ({}, dict(scale="0.1"), TypeError, "scale"),
-    ({}, dict(is_causal=None), TypeError, "is_causal"),
-    ({}, dict(key_padding_mask=[True] * 8), TypeError, "key_padding_mask must be a torch.Tensor"),
-    ({}, dict(key_padding_mask=torch.ones(1, 8)), TypeError, "key_padding_mask must be a bool"),
-    ({}, dict(key_padding_mask=torch.ones(1, 8, dtype=torch.uint8)), TypeError,
+    ({}, {"layout": "sbhd"}, ValueError, "layout"),
+    ({}, {"slopes": torch.ones(4, dtype=torch.float64)}, TypeError, "slopes must be float32"),
+    ({}, {"slopes": torch.ones(2)}, ValueError, r"slopes must have shape \[4\]"),
+    ({}, {"slopes": torch.ones(3, 4)}, ValueError, "slopes must have shape"),
+    ({}, {"scale": float("nan")}, TypeError, "scale"),
+    ({}, {"scale": "0.1"}, TypeError, "scale"),
+    ({}, {"is_causal": None}, TypeError, "is_causal"),
+    ({}, {"key_padding_mask": [True] * 8}, TypeError, "key_padding_mask must be a torch.Tensor"),
+    ({}, {"key_padding_mask": torch.ones(1, 8)}, TypeError, "key_padding_mask must be a bool"),
+    ({}, {"key_padding_mask": torch.ones(1, 8, dtype=torch.uint8)}, TypeError,
      "key_padding_mask must be a bool"),
-    ({}, dict(key_padding_mask=torch.ones(1, 9, dtype=torch.bool)), ValueError,
+    ({}, {"key_padding_mask": torch.ones(1, 9, dtype=torch.bool)}, ValueError,
      r"key_padding_mask must have shape \[1, 8\]"),
-    ({}, dict(key_padding_mask=torch.ones(8, dtype=torch.bool)), ValueError,
+    ({}, {"key_padding_mask": torch.ones(8, dtype=torch.bool)}, ValueError,
      r"key_padding_mask must have shape \[1, 8\]"),
-    ({}, dict(key_padding_mask=torch.ones(1, 4, 8, dtype=torch.bool)), ValueError,
+    ({}, {"key_padding_mask": torch.ones(1, 4, 8, dtype=torch.bool)}, ValueError,
      "key_padding_mask must have shape"),
 ])
 def test_errors(over, kwargs, exc, match):
@@ -505,7 +505,7 @@ def test_gpu_key_padding(seqlen_q, seqlen_k, kind, is_causal, dtype):
 def test_gpu_torch_compile_fullgraph(with_mask):
     torch.manual_seed(22)
     q, k, v = _make_qkv(2, 8, 2, 512, 512, 64, torch.bfloat16)
-    kwargs = dict(key_padding_mask=_padding_mask("right", 2, 512)) if with_mask else {}
+    kwargs = {"key_padding_mask": _padding_mask("right", 2, 512)} if with_mask else {}
     compiled = torch.compile(functools.partial(alibi_attention, **kwargs), fullgraph=True)
     out, grads, grad_out = _fwd_bwd(compiled, [q, k, v])
     out_eager, grads_eager, _ = _fwd_bwd(functools.partial(alibi_attention, **kwargs),
@@ -531,7 +531,7 @@ def test_gpu_past_2_31_elements():
 
 def test_error_batch_past_grid_limit():
     q = torch.randn(65536, 1, 1, 16, device=DEVICE, dtype=torch.float16)
-    with pytest.raises(ValueError, match="batch .* at most 65535"):
+    with pytest.raises(ValueError, match=r"batch .* at most 65535"):
         alibi_attention(q, q, q)
 
 

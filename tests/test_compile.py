@@ -1,4 +1,4 @@
-"""Every kernel compiles for sm_90 (H100) with real Triton, on any machine: see compile_kernels.py."""
+"""Every kernel compiles for sm_90 (H100) with real Triton on any machine (compile_kernels.py)."""
 
 import os
 import subprocess

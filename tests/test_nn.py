@@ -8,10 +8,10 @@ reference module, flash-attn's rule). On CPU the kernels run in Triton's interpr
 
 import pytest
 import torch
-from conftest import DEVICE, requires_cuda
 from test_alibi import FP32_BWD_ATOL, _check_error_rule, _padding_mask
 
 import posenc_triton
+from conftest import DEVICE, requires_cuda
 from posenc_triton import nn as pnn
 from posenc_triton.reference import ALiBiAttentionReference, RoPEAttentionReference
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, poison, requires_cuda
 
 import posenc_triton
+from conftest import DEVICE, assert_close, poison, requires_cuda
 from posenc_triton import reference
 from posenc_triton.rope import rope_forward
 

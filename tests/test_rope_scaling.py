@@ -87,7 +87,7 @@ YARN = [
 ]
 
 
-@pytest.mark.parametrize("dim", DIMS + [16])
+@pytest.mark.parametrize("dim", [*DIMS, 16])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("case", range(len(YARN)))
 def test_yarn(dim, base, case):
