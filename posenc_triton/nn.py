@@ -90,11 +90,7 @@ class RoPEAttention(_Float32Tables, _SelfAttention):
                  device=None, dtype=None):
         super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
                          bias=bias, device=device, dtype=dtype)
-        rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
-        if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
-                or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2):
-            raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
-                             f"got {rotary_dim!r}")
+        rotary_dim = self._rotary_dim(rotary_dim)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_dim, base, max_seq_len, scaling,
                                       interleaved, layout="bshd", device=device)
 

@@ -248,6 +248,15 @@ class _SelfAttention(torch.nn.Module):
             raise ValueError(f"attention_mask is on {attention_mask.device} but x is on "
                              f"{x.device}")
 
+    def _rotary_dim(self, rotary_dim) -> int:
+        """``rotary_dim`` checked (None: the whole head)."""
+        rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
+                or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2):
+            raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
+                             f"got {rotary_dim!r}")
+        return rotary_dim
+
     def _project(self, x: torch.Tensor):
         """``q [B, S, H, D]``, ``k, v [B, S, Hk, D]``: views of the projections' outputs."""
         batch, seqlen, _ = x.shape
@@ -280,11 +289,7 @@ class RoPEAttentionReference(_SelfAttention):
                  device=None, dtype=None):
         super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
                          bias=bias, device=device, dtype=dtype)
-        rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
-        if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
-                or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2):
-            raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
-                             f"got {rotary_dim!r}")
+        rotary_dim = self._rotary_dim(rotary_dim)
         self.rotary_dim, self.base, self.scaling = rotary_dim, base, scaling
         self.interleaved = interleaved
 
