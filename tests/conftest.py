@@ -34,3 +34,15 @@ def assert_close(actual, expected, dtype=None):
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` with NaN so an element a kernel fails to write fails the comparison."""
     return t.fill_(float("nan"))
+
+
+def count_calls_of(monkeypatch, module, name):
+    """A list that grows by one at every call of ``module.name`` (which still runs)."""
+    calls, real = [], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls

@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, count_calls_of, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,15 +27,7 @@ SEQLEN = 12
 @pytest.fixture
 def count_calls(monkeypatch):
     """Count the calls of alibi_attention made by the BLOOM integration."""
-    calls = []
-    real = _bloom.alibi_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_bloom, "alibi_attention", counting)
-    return calls
+    return count_calls_of(monkeypatch, _bloom, "alibi_attention")
 
 
 def make_model(heads=4, dtype=torch.float32, device=DEVICE, seed=0, **kw):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, requires_cuda
+from conftest import DEVICE, assert_close, count_calls_of, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,15 +37,7 @@ def unpatched():
 @pytest.fixture
 def count_calls(monkeypatch):
     """Count the calls of posenc_triton's apply_rope made by the integration."""
-    calls = []
-    real = hf.apply_rope
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hf, "apply_rope", counting)
-    return calls
+    return count_calls_of(monkeypatch, hf, "apply_rope")
 
 
 # ---- fused_apply_rotary_pos_emb against transformers' apply_rotary_pos_emb ----------------
