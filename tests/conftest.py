@@ -46,3 +46,12 @@ def count_calls_of(monkeypatch, module, name):
 
     monkeypatch.setattr(module, name, counting)
     return calls
+
+
+def model_step(model, inputs):
+    """``(logits, loss, {name: grad})`` of one forward and backward of a transformers model."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return out.logits.detach(), out.loss.detach(), grads

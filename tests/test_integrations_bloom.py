@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from conftest import DEVICE, count_calls_of, requires_cuda
+from conftest import DEVICE, count_calls_of, model_step, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,14 +58,6 @@ def batch_inputs(batch=2, seqlen=SEQLEN, vocab=128, device=DEVICE, padding=None)
     scored[:, 1:] *= mask[:, :-1]
     kwargs["labels"] = ids.masked_fill(scored == 0, -100)
     return kwargs, mask.bool()
-
-
-def run(model, inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return out.logits.detach(), out.loss.detach(), grads
 
 
 def max_err(a, b):
@@ -131,10 +123,10 @@ def test_key_position_alibi_equals_distance_bias(heads, seqlen_q, padding):
 def test_model_matches_unpatched_fp32(heads, padding, count_calls):
     model = make_model(heads)
     inputs, keep = batch_inputs(padding=padding)
-    logits, loss, grads = run(model, inputs)
+    logits, loss, grads = model_step(model, inputs)
     assert not count_calls
     assert hf.patch_bloom(model) == 2
-    p_logits, p_loss, p_grads = run(model, inputs)
+    p_logits, p_loss, p_grads = model_step(model, inputs)
     assert len(count_calls) == 2  # one launch per layer; backward runs through autograd
     torch.testing.assert_close(p_logits[keep], logits[keep], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
@@ -178,9 +170,9 @@ def test_model_bf16_error_within_2x_of_transformers(count_calls):
     inputs, keep = batch_inputs(padding="left")
     ref = make_model(4)(**inputs).logits.detach()
     model = make_model(4, dtype=torch.bfloat16)
-    logits, _, grads = run(model, inputs)
+    logits, _, grads = model_step(model, inputs)
     hf.patch_bloom(model)
-    p_logits, _, p_grads = run(model, inputs)
+    p_logits, _, p_grads = model_step(model, inputs)
     assert len(count_calls) == 2
     assert p_logits.dtype == torch.bfloat16
     assert max_err(p_logits[keep], ref[keep]) <= 2 * max_err(logits[keep], ref[keep]) + 1e-2
@@ -293,9 +285,9 @@ def test_cuda_bigger_model_bf16(padding, count_calls):
     with torch.no_grad():
         ref = make_model(device="cuda", **big)(**inputs).logits
     model = make_model(device="cuda", dtype=torch.bfloat16, **big)
-    logits, loss, grads = run(model, inputs)
+    logits, loss, grads = model_step(model, inputs)
     hf.patch_bloom(model)
-    p_logits, p_loss, p_grads = run(model, inputs)
+    p_logits, p_loss, p_grads = model_step(model, inputs)
     assert len(count_calls) == 4
     assert max_err(p_logits[keep], ref[keep]) <= 2 * max_err(logits[keep], ref[keep]) + 1e-2
     torch.testing.assert_close(p_loss, loss, rtol=2e-2, atol=2e-2)

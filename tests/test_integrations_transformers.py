@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, count_calls_of, requires_cuda
+from conftest import DEVICE, assert_close, count_calls_of, model_step, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -292,20 +292,12 @@ def batch_inputs(batch=2, seqlen=12, vocab=128, device=DEVICE, left_pad=False):
     return kwargs
 
 
-def run(model, inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return out.logits.detach(), out.loss.detach(), grads
-
-
 def check_model(model, inputs, count_calls, rtol=1e-5, atol=1e-5):
-    logits, loss, grads = run(model, inputs)
+    logits, loss, grads = model_step(model, inputs)
     assert not count_calls
     patched = hf.patch_rope(model)
     assert patched == [type(model).__module__]
-    p_logits, p_loss, p_grads = run(model, inputs)
+    p_logits, p_loss, p_grads = model_step(model, inputs)
     # The patch is live: one fused launch per layer (the backward runs through autograd).
     assert len(count_calls) == model.config.num_hidden_layers
     torch.testing.assert_close(p_logits, logits, rtol=rtol, atol=atol)
@@ -360,9 +352,9 @@ def test_model_bf16_at_least_as_accurate(count_calls):
     inputs = batch_inputs(left_pad=True)
     ref = model32(**inputs).logits
     model = make_model("mistral", dtype=torch.bfloat16)
-    logits, _, grads = run(model, inputs)
+    logits, _, grads = model_step(model, inputs)
     hf.patch_rope(model)
-    p_logits, _, p_grads = run(model, inputs)
+    p_logits, _, p_grads = model_step(model, inputs)
     assert len(count_calls) == 2
     assert p_logits.dtype == torch.bfloat16
     torch.testing.assert_close(p_logits, logits, rtol=5e-2, atol=5e-2)
@@ -386,9 +378,9 @@ def test_cuda_bigger_model_bf16(kind, count_calls):
     with torch.no_grad():
         ref = model32(**inputs).logits
     model = make_model(kind, device="cuda", dtype=torch.bfloat16, **big)
-    logits, loss, grads = run(model, inputs)
+    logits, loss, grads = model_step(model, inputs)
     hf.patch_rope(model)
-    p_logits, p_loss, p_grads = run(model, inputs)
+    p_logits, p_loss, p_grads = model_step(model, inputs)
     assert len(count_calls) == 4
     assert max_err(p_logits, ref) <= 1.5 * max_err(logits, ref) + 1e-2
     torch.testing.assert_close(p_loss, loss, rtol=2e-2, atol=2e-2)
@@ -401,9 +393,9 @@ def test_cuda_bigger_model_bf16(kind, count_calls):
 def test_cuda_fp32_model_matches():
     model = make_model("llama", device="cuda")
     inputs = batch_inputs(device="cuda", left_pad=True)
-    logits, _, grads = run(model, inputs)
+    logits, _, grads = model_step(model, inputs)
     hf.patch_rope(model)
-    p_logits, _, p_grads = run(model, inputs)
+    p_logits, _, p_grads = model_step(model, inputs)
     torch.testing.assert_close(p_logits, logits, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(p_grads[name], grads[name], rtol=1e-5, atol=1e-5)
