@@ -11,6 +11,12 @@ on by the ``HAS_KEY_MASK`` constexpr, hides padded keys from every query in both
 their K/V rows are never read (loaded as 0), so padding may hold anything, and their ``dk``,
 ``dv`` rows are exactly 0. Without it the kernels compile to the unmasked code.
 
+Packed variable-length input (``IS_VARLEN``, flash-attn's ``cu_seqlens`` convention): batch
+``b`` is the tokens ``CU_Q[b] : CU_Q[b+1]`` of the packed queries and ``CU_K[b] : CU_K[b+1]``
+of the keys, each sequence aligned bottom-right on its own; ``seqlen_q``/``seqlen_k`` are then
+the longest lengths (the grid), and the batch strides are 0. ``LSE``/``DELTA`` are addressed
+by ``stride_lb``, ``stride_lh`` plus the query row (its packed index when varlen).
+
 Batch and head offsets, and the row offset of every tile, are int64 (tensors past 2^31
 elements); offsets inside a tile stay int32.
 """
@@ -72,6 +78,20 @@ def _load_keep(KPM, stride_mn, cols, seqlen_k):
     return keep != 0
 
 
+@triton.jit
+def _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """``(q0, k0, seqlen_q, seqlen_k)``: first packed row and lengths of batch ``off_b``."""
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + off_b).to(tl.int64)
+        k0 = tl.load(CU_K + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + off_b + 1) - q0).to(tl.int32)
+        seqlen_k = (tl.load(CU_K + off_b + 1) - k0).to(tl.int32)
+    else:
+        q0 = 0
+        k0 = 0
+    return q0, k0, seqlen_q, seqlen_k
+
+
 # ------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------
@@ -122,29 +142,34 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM,
 
 
 @triton.jit
-def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, sm_scale,
+def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, sm_scale,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    stride_sb, stride_mb, stride_mn, num_heads, group, seqlen_q, seqlen_k,
+                    stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                    group, seqlen_q, seqlen_k,
                     SQ_BUCKET, SK_BUCKET,  # autotune key only
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    HAS_KEY_MASK: tl.constexpr,
+                    HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    q0, k0, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if start_m >= seqlen_q:  # a block past the end of a shorter sequence
+            return
     off_kvh = off_h // group
-    row0 = tl.cast(start_m, tl.int64)
+    row0 = q0 + tl.cast(start_m, tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
     O += off_b * stride_ob + off_h * stride_oh + row0 * stride_om
-    K += off_b * stride_kb + off_kvh * stride_kh
-    V += off_b * stride_vb + off_kvh * stride_vh
+    K += off_b * stride_kb + off_kvh * stride_kh + k0 * stride_kn
+    V += off_b * stride_vb + off_kvh * stride_vh + k0 * stride_vn
     KPM += off_b * stride_mb
-    LSE += (off_b * num_heads + off_h) * seqlen_q
+    LSE += off_b * stride_lb + off_h * stride_lh + q0
     slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
     qk_scale = sm_scale * LOG2E
 
@@ -259,18 +284,19 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Q, DO, LSE, DELTA,
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, sm_scale,
+def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, sm_scale,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         stride_sb, stride_mb, stride_mn, num_heads, group, seqlen_q, seqlen_k,
+                         stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                         group, seqlen_q, seqlen_k,
                          SQ_BUCKET, SK_BUCKET,  # autotune key only
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                         HAS_KEY_MASK: tl.constexpr,
+                         HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
                          INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``.
 
@@ -280,7 +306,11 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, sm_scale,
     start_n = tl.program_id(0) * BLOCK_N
     off_kvh = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    row0 = tl.cast(start_n, tl.int64)
+    q0, k0, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if start_n >= seqlen_k:
+            return
+    row0 = k0 + tl.cast(start_n, tl.int64)
     K += off_b * stride_kb + off_kvh * stride_kh + row0 * stride_kn
     V += off_b * stride_vb + off_kvh * stride_vh + row0 * stride_vn
     DK += off_b * stride_dkb + off_kvh * stride_dkh + row0 * stride_dkn
@@ -324,10 +354,10 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, sm_scale,
     for g in range(group):
         off_h = off_kvh * group + g
         slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
-        Qh = Q + off_b * stride_qb + off_h * stride_qh
-        DOh = DO + off_b * stride_dob + off_h * stride_doh
-        LSEh = LSE + (off_b * num_heads + off_h) * seqlen_q
-        DELTAh = DELTA + (off_b * num_heads + off_h) * seqlen_q
+        Qh = Q + off_b * stride_qb + off_h * stride_qh + q0 * stride_qm
+        DOh = DO + off_b * stride_dob + off_h * stride_doh + q0 * stride_dom
+        LSEh = LSE + off_b * stride_lb + off_h * stride_lh + q0
+        DELTAh = DELTA + off_b * stride_lb + off_h * stride_lh + q0
         dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Qh, DOh, LSEh, DELTAh,
                                             stride_qm, stride_qd, stride_dom, stride_dod,
                                             cols, offs_m, offs_d, qk_scale, slope,
@@ -389,32 +419,37 @@ def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
 
 
 @triton.jit
-def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, sm_scale,
+def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, sm_scale,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       stride_sb, stride_mb, stride_mn, num_heads, group, seqlen_q, seqlen_k,
+                       stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                       group, seqlen_q, seqlen_k,
                        SQ_BUCKET, SK_BUCKET,  # autotune key only
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                       HAS_KEY_MASK: tl.constexpr,
+                       HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    q0, k0, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return
     off_kvh = off_h // group
-    row0 = tl.cast(start_m, tl.int64)
+    row0 = q0 + tl.cast(start_m, tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
     DO += off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
     DQ += off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
-    K += off_b * stride_kb + off_kvh * stride_kh
-    V += off_b * stride_vb + off_kvh * stride_vh
+    K += off_b * stride_kb + off_kvh * stride_kh + k0 * stride_kn
+    V += off_b * stride_vb + off_kvh * stride_vh + k0 * stride_vn
     KPM += off_b * stride_mb
-    LSE += (off_b * num_heads + off_h) * seqlen_q
-    DELTA += (off_b * num_heads + off_h) * seqlen_q
+    LSE += off_b * stride_lb + off_h * stride_lh + q0
+    DELTA += off_b * stride_lb + off_h * stride_lh + q0
     slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
     qk_scale = sm_scale * LOG2E
 

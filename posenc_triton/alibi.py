@@ -1,8 +1,8 @@
-"""ALiBi attention: launchers, ``torch.library`` ops with autograd, and the public function.
+"""ALiBi attention: the slopes, argument checks and the public :func:`alibi_attention`.
 
-Reads top-down: slopes → argument checks → autotune configs → launchers (the bodies of the
-``triton_op``s) → autograd registration → :func:`alibi_attention`. Triton and the kernels are
-imported lazily, so the package imports where Triton is not installed (the reference runs).
+Reads top-down: slopes → argument checks (dense, then packed ``cu_seqlens`` input) →
+:func:`alibi_attention`, which runs the ``torch.library`` ops of :mod:`.alibi_ops` on
+CUDA (and in Triton's interpreter) and the reference otherwise.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from posenc_triton import _backend
-from posenc_triton.reference import alibi_attention_reference
+from posenc_triton import _backend, alibi_ops  # noqa: F401  (registers the ops)
+from posenc_triton.reference import alibi_attention_reference, alibi_attention_varlen_reference
 
 MAX_HEAD_DIM = 256
 _MAX_GRID = 65535  # grid axes 1 and 2 carry heads and batch
@@ -59,8 +59,10 @@ def _default_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return _cached_slopes(num_heads, device)
 
 
-def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None) -> float:
-    """Validate :func:`alibi_attention`'s arguments; returns the softmax scale."""
+def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None, *,
+                num_seqs=None) -> float:
+    """Validate :func:`alibi_attention`'s arguments; returns the softmax scale. Packed input
+    comes as one batch of ``bshd`` with ``num_seqs`` sequences (the batch of ``slopes``)."""
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     names = "[B, H, S, D]" if layout == "bhsd" else "[B, S, H, D]"
@@ -95,6 +97,7 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (last dim of q, k, v) must be in 1..{MAX_HEAD_DIM}, "
                          f"got {head_dim}")
+    batch = batch if num_seqs is None else num_seqs
     if batch > _MAX_GRID or num_heads > _MAX_GRID:
         raise ValueError(f"batch ({batch}) and q's head count ({num_heads}) must each be at most "
                          f"{_MAX_GRID} (CUDA grid limit); split the batch")
@@ -133,193 +136,65 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
     return float(scale)
 
 
-# ------------------------------------------------------------------------------------------
-# Autotuning: short config lists, pruned by head dim; one small fixed config when interpreting
-# ------------------------------------------------------------------------------------------
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  key_padding_mask) -> None:
+    """Validate what is particular to packed input; :func:`_check_args` does the rest."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [total_tokens, H, D] with cu_seqlens "
+                             f"(packed input), got shape {tuple(t.shape)}")
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask does not apply to packed input (cu_seqlens): "
+                         "packed sequences hold no padding")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor [B + 1] of cumulative "
+                             f"sequence lengths, got {cu.dtype} {tuple(cu.shape)}")
+        if isinstance(q, torch.Tensor) and cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens_q has "
+                         f"{cu_seqlens_q.numel()}: both are [B + 1] for the same B sequences")
+    for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                  or bound < 0):
+            raise TypeError(f"{name} must be a non-negative int or None, got {bound!r}")
 
 
-def _config(block_m, block_n, num_warps, num_stages):
-    import triton
-
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
-                         num_warps=num_warps, num_stages=num_stages)
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Above D = 128 keep the small tiles and shallow pipelines that fit shared memory."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if block_d <= 128:
-        return configs
-    small = [c for c in configs
-             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
-    return small or configs[-1:]
-
-
-# The last config of each list is the conservative one that fits D = 256 on any recent GPU.
-_FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 1)]
-_DQ_CONFIGS = [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-_AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
-                 "INPUT_PRECISION"]
-_INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-_PREPROCESS_BLOCK_M = 64
-
-
-@functools.cache
-def _kernels(interpreting: bool):
-    """``(fwd, preprocess, dkdv, dq)``; autotuned on GPU, raw kernels under the interpreter."""
-    import triton
-
-    from posenc_triton.kernels import alibi_attention as kern
-
-    kernels = (kern._alibi_attn_fwd, kern._alibi_attn_bwd_dkdv, kern._alibi_attn_bwd_dq)
-    if not interpreting:
-        kernels = tuple(
-            triton.autotune([_config(*c) for c in configs], key=_AUTOTUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
-            for kernel, configs in zip(kernels, (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS)))
-    fwd, dkdv, dq = kernels
-    return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
+def _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k) -> tuple[int, int]:
+    """``(max_seqlen_q, max_seqlen_k)``, read from ``cu_seqlens`` where not given, after
+    checking ``cu_seqlens``' values (one sync; skipped where a sync is not allowed)."""
+    bounds = [max_seqlen_q, max_seqlen_k]
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if None in bounds:
+            raise ValueError("max_seqlen_q and max_seqlen_k must be given under torch.compile "
+                             "and CUDA-graph capture (reading them from cu_seqlens syncs)")
+        return tuple(bounds)
+    # One device sync checks both: [first, last, shortest, longest] of each.
+    stats = torch.stack([_cu_seqlens_stats(cu) for cu in (cu_seqlens_q, cu_seqlens_k)])
+    for i, (first, last, shortest, longest) in enumerate(stats.tolist()):
+        name, total, owner = (("cu_seqlens_q", q.shape[0], "q"),
+                              ("cu_seqlens_k", k.shape[0], "k and v"))[i]
+        if first != 0 or last != total or shortest < 0:
+            raise ValueError(f"{name} must rise from 0 to {total} (the token count of {owner}) "
+                             f"and never decrease; got first {first}, last {last}, "
+                             f"smallest step {shortest}")
+        if bounds[i] is None:
+            bounds[i] = longest
+        elif longest > bounds[i]:
+            raise ValueError(f"max_seqlen_{'qk'[i]}={bounds[i]} is shorter than the longest "
+                             f"sequence in {name} ({longest})")
+    return tuple(bounds)
 
 
-def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool) -> dict:
-    """Constexprs shared by the kernels (and the fixed tile when interpreting)."""
-    interpreting = _backend.interpreting()
-    head_dim = q.shape[-1]
-    meta = {
-        "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, _backend.next_power_of_2(head_dim)),
-        "IS_CAUSAL": is_causal,
-        "HAS_KEY_MASK": has_key_mask,
-        # fp32 inputs get IEEE fp32 products (PyTorch's default matmul), not TF32.
-        "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreting else None,
-        # work around the interpreter's bf16 dot and bf16 rounding
-        "INTERPRETER": interpreting,
-    }
-    if interpreting:
-        meta.update(_INTERPRETER_META)
-    return meta
-
-
-def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.transpose(1, 2) if layout == "bshd" else t
-
-
-def _empty_bhsd(shape, layout: str, like: torch.Tensor) -> torch.Tensor:
-    """Contiguous in the caller's layout, returned as a ``[B, H, S, D]`` view."""
-    b, h, s, d = shape
-    if layout == "bshd":
-        return torch.empty((b, s, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
-    return torch.empty((b, h, s, d), dtype=like.dtype, device=like.device)
-
-
-def _slope_batch_stride(slopes: torch.Tensor) -> int:
-    return 0 if slopes.dim() == 1 else slopes.stride(0)
-
-
-def _key_mask_args(key_padding_mask: Optional[torch.Tensor], slopes: torch.Tensor):
-    """``(pointer, stride_b, stride_n)`` for the kernels' ``KPM``: the bool mask read as bytes
-    (a view, any strides), or a never-read stand-in when there is none (``HAS_KEY_MASK`` off)."""
-    if key_padding_mask is None:
-        return slopes, 0, 0
-    return (key_padding_mask.view(torch.uint8), *key_padding_mask.stride())
-
-
-# ------------------------------------------------------------------------------------------
-# Launchers, registered as torch.library ops
-# ------------------------------------------------------------------------------------------
-
-
-@torch.library.triton_op("posenc_triton::alibi_attention_fwd", mutates_args=())
-def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                            is_causal: bool, scale: float,
-                            layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
-    ``[B, Hq, Sq]`` (natural log, ``+inf`` for rows that see no key).
-
-    ``slopes`` is contiguous float32 ``[Hq]`` or ``[B, Hq]``, ``key_padding_mask`` bool
-    ``[B, Sk]`` (any strides) or None; arguments are already checked.
-    """
-    q, k, v = (_bhsd(t, layout) for t in (q, k, v))
-    batch, num_heads, seqlen_q, _ = q.shape
-    num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    out = _empty_bhsd(q.shape, layout, q)
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return _bhsd(out, layout), lse
-    fwd = _kernels(_backend.interpreting())[0]
-    meta = _common_meta(q, is_causal, key_padding_mask is not None)
-    mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
-    grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
-    _backend.launcher(fwd)[grid](
-        q, k, v, out, lse, slopes, mask, scale,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        _slope_batch_stride(slopes), stride_mb, stride_mn,
-        num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k,
-        _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
-    return _bhsd(out, layout), lse
-
-
-@torch.library.triton_op("posenc_triton::alibi_attention_bwd", mutates_args=())
-def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, slopes: torch.Tensor,
-                             key_padding_mask: Optional[torch.Tensor], out: torch.Tensor,
-                             lse: torch.Tensor, is_causal: bool, scale: float,
-                             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` shaped like ``q, k, v``, each contiguous in ``layout``."""
-    grad_out, q, k, v, out = (_bhsd(t, layout) for t in (grad_out, q, k, v, out))
-    batch, num_heads, seqlen_q, head_dim = q.shape
-    num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    dq = _empty_bhsd(q.shape, layout, q)
-    dk = _empty_bhsd(k.shape, layout, k)
-    dv = _empty_bhsd(v.shape, layout, v)
-    _, preprocess, dkdv, dq_kernel = _kernels(_backend.interpreting())
-    meta = _common_meta(q, is_causal, key_padding_mask is not None)
-    launch = _backend.launcher
-    mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
-    common = (_slope_batch_stride(slopes), stride_mb, stride_mn,
-              num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k,
-              _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
-    if dq.numel() > 0:
-        delta = torch.empty_like(lse)
-        block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
-        launch(preprocess)[(_backend.cdiv(seqlen_q, block_m), num_heads, batch)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
-            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
-        grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
-        launch(dq_kernel)[grid](
-            q, k, v, grad_out, dq, lse, delta, slopes, mask, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            *common, **meta)
-    else:
-        delta = lse  # no query rows: the dk/dv kernel never reads it
-    if dk.numel() > 0:
-        grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
-        launch(dkdv)[grid](
-            q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-            *dv.stride(), *common, **meta)
-    return _bhsd(dq, layout), _bhsd(dk, layout), _bhsd(dv, layout)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, slopes, key_padding_mask, is_causal, scale, layout = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, slopes, key_padding_mask, out, lse)
-    ctx.is_causal, ctx.scale, ctx.layout = is_causal, scale, layout
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, slopes, key_padding_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.posenc_triton.alibi_attention_bwd(
-        grad_out, q, k, v, slopes, key_padding_mask, out, lse, ctx.is_causal, ctx.scale,
-        ctx.layout)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("posenc_triton::alibi_attention_fwd", _backward,
-                                setup_context=_setup_context)
+def _cu_seqlens_stats(cu: torch.Tensor) -> torch.Tensor:
+    steps = cu.diff() if cu.numel() > 1 else cu.new_zeros(1)
+    return torch.stack([cu[0], cu[-1], steps.min(), steps.max()])
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,7 +205,11 @@ torch.library.register_autograd("posenc_triton::alibi_attention_fwd", _backward,
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slopes: Optional[torch.Tensor] = None, *, is_causal: bool = True,
                     scale: Optional[float] = None, layout: str = "bhsd",
-                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    key_padding_mask: Optional[torch.Tensor] = None,
+                    cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None,
+                    max_seqlen_q: Optional[int] = None,
+                    max_seqlen_k: Optional[int] = None) -> torch.Tensor:
     """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Sq, D]``, ``k, v [B, Hk, Sk, D]`` (``layout="bhsd"``) or ``[B, S, H, D]``
@@ -341,14 +220,45 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     flash-attn's ``attention_mask``; any strides) hides padded keys from every query: a row
     left with no key outputs 0, and padded keys get ``dk = dv = 0``. Returns ``out`` shaped
     like ``q`` in ``layout``.
+
+    Packed variable-length input (flash-attn's ``flash_attn_varlen_func`` convention):
+    ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]`` and int32/int64 ``cu_seqlens_q``,
+    ``cu_seqlens_k [B + 1]`` (cumulative lengths from 0 to ``total``); sequence ``b`` attends
+    within itself, bottom-right aligned, with ``slopes[b]`` for ``[B, Hq]`` slopes.
+    ``max_seqlen_q``/``max_seqlen_k`` bound the lengths; left as None they are read from
+    ``cu_seqlens`` (a device sync, as is the check of ``cu_seqlens``' values, both skipped
+    under ``torch.compile`` and CUDA-graph capture, which need the bounds given). ``layout``
+    does not apply. Returns ``out [total_q, Hq, D]``.
     """
-    scale = _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      key_padding_mask)
+        layout = "bshd"
+        scale = _check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+                              for t in (q, k, v)), slopes, is_causal, scale, layout,
+                            num_seqs=cu_seqlens_q.numel() - 1)
+        max_seqlen_q, max_seqlen_k = _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q, max_seqlen_k)
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q and max_seqlen_k apply to packed input only: "
+                             "pass them with cu_seqlens_q and cu_seqlens_k")
+        scale = _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
+        max_seqlen_q = max_seqlen_k = 0
     if slopes is None:
-        slopes = _default_slopes(q.shape[1 if layout == "bhsd" else 2], q.device)
+        slopes = _default_slopes(q.shape[-2 if varlen else 1 if layout == "bhsd" else 2],
+                                 q.device)
     if not _backend.use_triton(q) or q.dtype == torch.float64:
+        if varlen:
+            return alibi_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, slopes,
+                                                    is_causal=is_causal, scale=scale)
         return alibi_attention_reference(q, k, v, slopes, is_causal=is_causal, scale=scale,
                                          layout=layout, upcast=True,
                                          key_padding_mask=key_padding_mask)
+    if varlen:
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     out, _ = torch.ops.posenc_triton.alibi_attention_fwd(
-        q, k, v, slopes.contiguous(), key_padding_mask, is_causal, scale, layout)
+        q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
     return out

@@ -177,6 +177,37 @@ def alibi_attention_reference(
     return out.to(dtype)
 
 
+def alibi_attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    slopes: Optional[torch.Tensor] = None,
+    *,
+    is_causal: bool = True,
+    scale: Optional[float] = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference for packed input: ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]``.
+
+    Sequence ``b`` (rows ``cu_seqlens[b] : cu_seqlens[b + 1]``) is attended alone by
+    :func:`alibi_attention_reference`, with ``slopes[b]`` when ``slopes`` is ``[B, Hq]``.
+    """
+    if slopes is None:
+        slopes = torch.tensor(alibi_slopes_list(q.shape[1]), device=q.device)
+    bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:],
+                 cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
+    outs = [
+        alibi_attention_reference(
+            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
+            slopes if slopes.dim() == 1 else slopes[b:b + 1], is_causal=is_causal,
+            scale=scale, layout="bshd", upcast=upcast)[0]
+        for b, (q0, q1, k0, k1) in enumerate(bounds)
+    ]
+    return torch.cat(outs) if outs else q * 0
+
+
 # ----------------------------------------------------------------------------------------
 # Attention modules: the textbook multi-head self-attention with each encoding
 # ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from posenc_triton import alibi
+from posenc_triton import alibi_ops
 from posenc_triton.kernels import alibi_attention, rope
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -24,7 +24,7 @@ ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "
               "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "offsets_ptr": "*i64"}
 ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16"),
               "LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "KPM": "*u8",
-              "sm_scale": "fp32"}
+              "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32"}
 
 
 def compile_sm90(kernel, types, constexprs, num_warps=4, num_stages=3):
@@ -53,17 +53,21 @@ def cases():
                                 "HAS_POS": True, "HAS_OFFSETS": interleaved,
                                 "INTERLEAVED": interleaved, "CONJUGATE": interleaved,
                                 "COPY_TAIL": 2 * half < dim}, 4, 1)
-    kernels = (("fwd", alibi_attention._alibi_attn_fwd, alibi._FWD_CONFIGS),
-               ("dq", alibi_attention._alibi_attn_bwd_dq, alibi._DQ_CONFIGS),
-               ("dkdv", alibi_attention._alibi_attn_bwd_dkdv, alibi._DKDV_CONFIGS))
+    kernels = (("fwd", alibi_attention._alibi_attn_fwd, alibi_ops._FWD_CONFIGS),
+               ("dq", alibi_attention._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS),
+               ("dkdv", alibi_attention._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS))
     for name, kernel, configs in kernels:
-        # The largest config at D=128 (with the key mask) and the pruned list's first at D=256.
-        for head_dim, masked in ((128, True), (256, False)):
+        # The largest config at D=128 (with the key mask, or packed), the pruned list's first
+        # at D=256.
+        for head_dim, masked, varlen in ((128, True, False), (128, False, True),
+                                         (256, False, False)):
             meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
-                    "HAS_KEY_MASK": masked, "INPUT_PRECISION": None, "INTERPRETER": False}
-            pruned = alibi._prune_configs([alibi._config(*c) for c in configs], {}, **meta)
+                    "HAS_KEY_MASK": masked, "IS_VARLEN": varlen, "INPUT_PRECISION": None,
+                    "INTERPRETER": False}
+            pruned = alibi_ops._prune_configs([alibi_ops._config(*c) for c in configs], {}, **meta)
             config = pruned[0]
-            yield (f"alibi {name} D={head_dim} mask={masked} {tuple(config.kwargs.values())}",
+            yield (f"alibi {name} D={head_dim} mask={masked} varlen={varlen} "
+                   f"{tuple(config.kwargs.values())}",
                    kernel, ATTN_TYPES, {**meta, **config.kwargs}, config.num_warps,
                    config.num_stages)
 

@@ -22,6 +22,9 @@ TOLERANCES = {
     torch.bfloat16: (1e-2, 1e-2),
 }
 
+# IEEE fp32 attention backward sums more products than the forward.
+FP32_BWD_ATOL = 5e-5
+
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
@@ -55,3 +58,42 @@ def model_step(model, inputs):
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return out.logits.detach(), out.loss.detach(), grads
+
+
+def fwd_bwd(fn, inputs, grad_out=None):
+    """``fn(*inputs)`` and the gradients of ``<out, grad_out>`` w.r.t. ``inputs``."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out.detach(), grads, grad_out
+
+
+def check_error_rule(name, actual, ref64, ref_same, dtype, atol=None):
+    """flash-attn's rule for fp16/bf16: ``max|actual - ref64| <= 2 * max|ref_same - ref64|
+    + atol``, ``ref_same`` being the same-dtype PyTorch reference; fp32 uses the table."""
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    assert not torch.isnan(actual).any(), f"{name} has NaN"
+    if dtype == torch.float32:
+        rtol, default_atol = TOLERANCES[dtype]
+        torch.testing.assert_close(actual.double(), ref64, rtol=rtol,
+                                   atol=atol or default_atol, msg=lambda m: f"{name}: {m}")
+        return
+    err = (actual.double() - ref64).abs().max().item()
+    base = (ref_same.double() - ref64).abs().max().item()
+    assert err <= 2 * base + TOLERANCES[dtype][1], (
+        f"{name}: max error {err:.3g} > 2 x same-dtype reference error {base:.3g} + atol")
+
+
+def padding_mask(kind, batch, seqlen_k, device=DEVICE):
+    """bool ``[B, Sk]``: ``"right"`` / ``"left"`` padding, a different length per batch row
+    (the full length, one that ends inside a tile, a short one), or a ``"random"`` scatter."""
+    if kind == "random":
+        gen = torch.Generator().manual_seed(seqlen_k)
+        return (torch.rand(batch, seqlen_k, generator=gen) > 0.4).to(device)
+    lengths = torch.tensor([seqlen_k, seqlen_k // 2 + 3, 5, 1][:batch])
+    pos = torch.arange(seqlen_k)
+    if kind == "left":
+        pos = pos.flip(0)
+    return (pos[None, :] < lengths[:, None]).to(device)

@@ -14,13 +14,19 @@ import pytest
 import torch
 
 import posenc_triton
-from conftest import DEVICE, TOLERANCES, assert_close, poison, requires_cuda
-from posenc_triton import _backend
-from posenc_triton import alibi as alibi_module
+from conftest import (
+    DEVICE,
+    FP32_BWD_ATOL,
+    assert_close,
+    check_error_rule,
+    fwd_bwd,
+    padding_mask,
+    poison,
+    requires_cuda,
+)
+from posenc_triton import _backend, alibi_ops
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import alibi_attention_reference
-
-FP32_BWD_ATOL = 5e-5  # backward sums more products than forward; still IEEE fp32
 
 
 def _randn(*shape, dtype, device=DEVICE):
@@ -35,30 +41,6 @@ def _make_qkv(b, hq, hk, sq, sk, d, dtype, layout="bhsd"):
     return [_randn(*s, dtype=dtype) for s in shapes]
 
 
-def _fwd_bwd(fn, inputs, grad_out=None):
-    """``fn(*inputs)`` and the gradients of ``<out, grad_out>`` w.r.t. ``inputs``."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-    return out.detach(), grads, grad_out
-
-
-def _check_error_rule(name, actual, ref64, ref_same, dtype, atol=None):
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
-    assert not torch.isnan(actual).any(), f"{name} has NaN"
-    if dtype == torch.float32:
-        rtol, default_atol = TOLERANCES[dtype]
-        torch.testing.assert_close(actual.double(), ref64, rtol=rtol,
-                                   atol=atol or default_atol, msg=lambda m: f"{name}: {m}")
-        return
-    err = (actual.double() - ref64).abs().max().item()
-    base = (ref_same.double() - ref64).abs().max().item()
-    assert err <= 2 * base + TOLERANCES[dtype][1], (
-        f"{name}: max error {err:.3g} > 2 x same-dtype reference error {base:.3g} + atol")
-
-
 def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd",
            key_padding_mask=None):
     """Kernel vs float64 reference (and the same-dtype reference for fp16/bf16); with a
@@ -67,21 +49,21 @@ def _check(inputs, slopes=None, *, is_causal=True, scale=None, layout="bhsd",
     kwargs = {"is_causal": is_causal, "scale": scale, "layout": layout,
                   "key_padding_mask": key_padding_mask}
     originals = [t.clone() for t in inputs]
-    out, grads, grad_out = _fwd_bwd(lambda *t: alibi_attention(*t, slopes, **kwargs), inputs)
+    out, grads, grad_out = fwd_bwd(lambda *t: alibi_attention(*t, slopes, **kwargs), inputs)
     for t, orig in zip(inputs, originals):
         assert torch.equal(t, orig), "an input was modified"
 
-    ref64, grads64, _ = _fwd_bwd(
+    ref64, grads64, _ = fwd_bwd(
         lambda *t: alibi_attention_reference(*t, slopes, **kwargs),
         [t.double() for t in inputs], grad_out.double())
     ref_same, grads_same = ref64, grads64
     if dtype != torch.float32:
-        ref_same, grads_same, _ = _fwd_bwd(
+        ref_same, grads_same, _ = fwd_bwd(
             lambda *t: alibi_attention_reference(*t, slopes, upcast=False, **kwargs),
             inputs, grad_out)
-    _check_error_rule("out", out, ref64, ref_same, dtype)
+    check_error_rule("out", out, ref64, ref_same, dtype)
     for name, g, g64, gs in zip(("dq", "dk", "dv"), grads, grads64, grads_same):
-        _check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
+        check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
     if key_padding_mask is not None:
         for name, g in zip(("dk", "dv"), grads[1:]):
             padded = _bhsd(g, layout).transpose(1, 2)[~key_padding_mask]  # [n_padded, Hk, D]
@@ -166,18 +148,18 @@ def test_fused_qkv_views(layout, dtype):
         q, k, v = t.unbind(2)  # [B, S, H, D], non-contiguous
         return [x.transpose(1, 2) for x in (q, k, v)] if layout == "bhsd" else [q, k, v]
 
-    out, (grad,), grad_out = _fwd_bwd(
+    out, (grad,), grad_out = fwd_bwd(
         lambda t: alibi_attention(*split(t), layout=layout), [qkv])
     if _backend.use_triton(out):  # the kernels allocate in the caller's layout
         assert out.is_contiguous()
-    ref64, (grad64,), _ = _fwd_bwd(
+    ref64, (grad64,), _ = fwd_bwd(
         lambda t: alibi_attention_reference(*split(t), layout=layout),
         [qkv.double()], grad_out.double())
-    ref_same, (grad_same,), _ = _fwd_bwd(
+    ref_same, (grad_same,), _ = fwd_bwd(
         lambda t: alibi_attention_reference(*split(t), layout=layout, upcast=False),
         [qkv], grad_out)
-    _check_error_rule("out", out, ref64, ref_same, dtype)
-    _check_error_rule("dqkv", grad, grad64, grad_same, dtype, atol=FP32_BWD_ATOL)
+    check_error_rule("out", out, ref64, ref_same, dtype)
+    check_error_rule("dqkv", grad, grad64, grad_same, dtype, atol=FP32_BWD_ATOL)
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
@@ -186,7 +168,7 @@ def test_outputs_contiguous_in_layout(layout):
     inputs = _make_qkv(1, 2, 2, 18, 18, 16, torch.float16, layout)
     if not _backend.use_triton(inputs[0]):
         pytest.skip("a property of the kernels, not of the reference")
-    out, grads, _ = _fwd_bwd(lambda *t: alibi_attention(*t, layout=layout), inputs)
+    out, grads, _ = fwd_bwd(lambda *t: alibi_attention(*t, layout=layout), inputs)
     for t in (out, *grads):
         assert t.is_contiguous()
 
@@ -195,8 +177,8 @@ def test_gqa_backward_deterministic():
     torch.manual_seed(8)
     inputs = _make_qkv(1, 4, 1, 19, 35, 16, torch.bfloat16)
     grad_out = torch.randn(1, 4, 19, 16, dtype=torch.bfloat16, device=DEVICE)
-    first = _fwd_bwd(alibi_attention, inputs, grad_out)[1]
-    second = _fwd_bwd(alibi_attention, inputs, grad_out)[1]
+    first = fwd_bwd(alibi_attention, inputs, grad_out)[1]
+    second = fwd_bwd(alibi_attention, inputs, grad_out)[1]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -207,7 +189,7 @@ def test_gqa_backward_deterministic():
 def test_empty(shape, is_causal):
     b, hq, hk, sq, sk = shape
     inputs = _make_qkv(b, hq, hk, sq, sk, 16, torch.float16)
-    out, grads, _ = _fwd_bwd(lambda *t: alibi_attention(*t, is_causal=is_causal), inputs)
+    out, grads, _ = fwd_bwd(lambda *t: alibi_attention(*t, is_causal=is_causal), inputs)
     assert out.shape == (b, hq, sq, 16)
     assert torch.equal(out, torch.zeros_like(out))
     for g, t in zip(grads, inputs):
@@ -236,26 +218,13 @@ def test_float64_runs_reference_on_cpu():
 # ------------------------------------------------------------------------------------------
 
 
-def _padding_mask(kind, batch, seqlen_k, device=DEVICE):
-    """bool ``[B, Sk]``: ``"right"`` / ``"left"`` padding, a different length per batch row
-    (the full length, one that ends inside a tile, a short one), or a ``"random"`` scatter."""
-    if kind == "random":
-        gen = torch.Generator().manual_seed(seqlen_k)
-        return (torch.rand(batch, seqlen_k, generator=gen) > 0.4).to(device)
-    lengths = torch.tensor([seqlen_k, seqlen_k // 2 + 3, 5, 1][:batch])
-    pos = torch.arange(seqlen_k)
-    if kind == "left":
-        pos = pos.flip(0)
-    return (pos[None, :] < lengths[:, None]).to(device)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("kind", ["right", "left", "random"])
 def test_key_padding_matches_reference(kind, is_causal, dtype):
     """GQA, Sq < Sk; left padding with causal also leaves early query rows with no key."""
     torch.manual_seed(30)
-    mask = _padding_mask(kind, 3, 37)
+    mask = padding_mask(kind, 3, 37)
     _check(_make_qkv(3, 2, 1, 26, 37, 16, dtype), is_causal=is_causal, key_padding_mask=mask)
 
 
@@ -265,7 +234,7 @@ def test_key_padding_lengths(kind, seqlen_q, seqlen_k):
     """Sq == Sk, Sq > Sk (causal empty rows plus padding), decode."""
     torch.manual_seed(31)
     _check(_make_qkv(3, 2, 1, seqlen_q, seqlen_k, 16, torch.float32),
-           key_padding_mask=_padding_mask(kind, 3, seqlen_k))
+           key_padding_mask=padding_mask(kind, 3, seqlen_k))
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
@@ -286,9 +255,9 @@ def test_key_padding_strided_mask(layout):
     """A mask that is a non-contiguous view (every other column; a transpose) is read in place."""
     torch.manual_seed(33)
     inputs = _make_qkv(3, 2, 1, 17, 25, 16, torch.bfloat16, layout)
-    wide = _padding_mask("random", 3, 50)
+    wide = padding_mask("random", 3, 50)
     _check(inputs, layout=layout, key_padding_mask=wide[:, ::2])
-    tall = _padding_mask("right", 3, 25).t().contiguous().t()  # strides (1, 3)
+    tall = padding_mask("right", 3, 25).t().contiguous().t()  # strides (1, 3)
     _check(inputs, layout=layout, key_padding_mask=tall)
 
 
@@ -298,13 +267,13 @@ def test_key_padding_never_reads_padded_keys():
     q, k, v = _make_qkv(3, 2, 1, 20, 33, 16, torch.float16)
     if not _backend.use_triton(q):
         pytest.skip("a property of the kernels; the reference multiplies 0 by the padding")
-    mask = _padding_mask("random", 3, 33)
+    mask = padding_mask("random", 3, 33)
     pad = ~mask[:, None, :, None]
     clean = [k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)]
     dirty = [k.masked_fill(pad, float("inf")), v.masked_fill(pad, float("nan"))]
     fn = lambda *t: alibi_attention(*t, key_padding_mask=mask)
-    out, grads, grad_out = _fwd_bwd(fn, [q, *clean])
-    out_dirty, grads_dirty, _ = _fwd_bwd(fn, [q, *dirty], grad_out)
+    out, grads, grad_out = fwd_bwd(fn, [q, *clean])
+    out_dirty, grads_dirty, _ = fwd_bwd(fn, [q, *dirty], grad_out)
     assert torch.equal(out, out_dirty)
     for g, gd in zip(grads, grads_dirty):
         assert torch.equal(g, gd)
@@ -322,7 +291,7 @@ def test_key_padding_reference_path(monkeypatch):
     monkeypatch.setattr(_backend, "use_triton", lambda t: False)
     torch.manual_seed(36)
     inputs = _make_qkv(2, 2, 1, 9, 11, 8, torch.float32, "bshd")
-    mask = _padding_mask("left", 2, 11)
+    mask = padding_mask("left", 2, 11)
     out = alibi_attention(*inputs, layout="bshd", key_padding_mask=mask)
     assert_close(out, alibi_attention_reference(*[t.double() for t in inputs], layout="bshd",
                                                 key_padding_mask=mask))
@@ -495,7 +464,7 @@ def test_gpu_forward_backward(seqlen_q, seqlen_k, dtype, head_dim):
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(1024, 1024), (1000, 2047)])
 def test_gpu_key_padding(seqlen_q, seqlen_k, kind, is_causal, dtype):
     torch.manual_seed(24)
-    mask = _padding_mask(kind, 4, seqlen_k)
+    mask = padding_mask(kind, 4, seqlen_k)
     _check(_make_qkv(4, 8, 2, seqlen_q, seqlen_k, 128, dtype), is_causal=is_causal,
            key_padding_mask=mask)
 
@@ -505,10 +474,10 @@ def test_gpu_key_padding(seqlen_q, seqlen_k, kind, is_causal, dtype):
 def test_gpu_torch_compile_fullgraph(with_mask):
     torch.manual_seed(22)
     q, k, v = _make_qkv(2, 8, 2, 512, 512, 64, torch.bfloat16)
-    kwargs = {"key_padding_mask": _padding_mask("right", 2, 512)} if with_mask else {}
+    kwargs = {"key_padding_mask": padding_mask("right", 2, 512)} if with_mask else {}
     compiled = torch.compile(functools.partial(alibi_attention, **kwargs), fullgraph=True)
-    out, grads, grad_out = _fwd_bwd(compiled, [q, k, v])
-    out_eager, grads_eager, _ = _fwd_bwd(functools.partial(alibi_attention, **kwargs),
+    out, grads, grad_out = fwd_bwd(compiled, [q, k, v])
+    out_eager, grads_eager, _ = fwd_bwd(functools.partial(alibi_attention, **kwargs),
                                          [q, k, v], grad_out)
     # Inductor may autotune to another tile than eager did: equal up to summation order.
     torch.testing.assert_close(out, out_eager, rtol=2e-2, atol=2e-2)
@@ -538,7 +507,7 @@ def test_error_batch_past_grid_limit():
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_every_output_element_written(monkeypatch, layout):
     # out, dq, dk and dv start as NaN: an element a kernel leaves unwritten fails the check.
-    allocate = alibi_module._empty_bhsd
-    monkeypatch.setattr(alibi_module, "_empty_bhsd", lambda *a: poison(allocate(*a)))
+    allocate = alibi_ops._empty_bhsd
+    monkeypatch.setattr(alibi_ops, "_empty_bhsd", lambda *a: poison(allocate(*a)))
     torch.manual_seed(31)
     _check(_make_qkv(2, 4, 2, 37, 19, 40, torch.float32, layout), layout=layout)

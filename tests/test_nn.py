@@ -8,10 +8,9 @@ reference module, flash-attn's rule). On CPU the kernels run in Triton's interpr
 
 import pytest
 import torch
-from test_alibi import FP32_BWD_ATOL, _check_error_rule, _padding_mask
 
 import posenc_triton
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, FP32_BWD_ATOL, check_error_rule, padding_mask, requires_cuda
 from posenc_triton import nn as pnn
 from posenc_triton.reference import ALiBiAttentionReference, RoPEAttentionReference
 
@@ -59,11 +58,11 @@ def _check_modules(kind, dtype, *, batch=3, seqlen=13, attention_mask=None, is_c
     if dtype != torch.float32:
         out_same, grads_same = _run(ref_same, x, grad_out, **forward)
     assert out.shape == x.shape
-    _check_error_rule("out", out, out64, out_same, dtype)
+    check_error_rule("out", out, out64, out_same, dtype)
     assert set(grads) == set(grads64)
     for name in grads64:
         assert grads[name] is not None, f"no gradient for {name}"
-        _check_error_rule(f"grad {name}", grads[name], grads64[name], grads_same[name], dtype,
+        check_error_rule(f"grad {name}", grads[name], grads64[name], grads_same[name], dtype,
                           atol=FP32_BWD_ATOL)
     return out, grads
 
@@ -85,7 +84,7 @@ def _empty_rows(attention_mask, is_causal):
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_reference(kind, is_causal, mask, dtype):
     """GQA (4 query heads, 2 k/v heads); left padding with causal leaves rows with no key."""
-    attention_mask = None if mask is None else _padding_mask(mask, 3, 13)
+    attention_mask = None if mask is None else padding_mask(mask, 3, 13)
     out, _ = _check_modules(kind, dtype, attention_mask=attention_mask, is_causal=is_causal,
                             d_model=64, num_heads=4, num_kv_heads=2)
     if attention_mask is not None:  # no bias: a row with no visible key outputs exactly 0
@@ -111,7 +110,7 @@ def test_fully_padded_row(kind, is_causal):
 @pytest.mark.parametrize("kind", KINDS)
 def test_odd_sizes(kind, num_kv_heads):
     """S = 13, d_model 96, 6 heads of 16 (MHA, GQA, MQA), biases, random padding, causal."""
-    _check_modules(kind, torch.float32, attention_mask=_padding_mask("random", 3, 13),
+    _check_modules(kind, torch.float32, attention_mask=padding_mask("random", 3, 13),
                    is_causal=True, d_model=96, num_heads=6, num_kv_heads=num_kv_heads,
                    bias=True)
 
@@ -119,7 +118,7 @@ def test_odd_sizes(kind, num_kv_heads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rope_options(dtype):
     """Partial interleaved rotary, linear scaling, positions that follow left padding."""
-    mask = _padding_mask("left", 3, 13)
+    mask = padding_mask("left", 3, 13)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     _check_modules("rope", dtype, attention_mask=mask, is_causal=True,
                    forward={"position_ids": position_ids}, d_model=96, num_heads=6,
@@ -147,7 +146,7 @@ def test_dropout(kind):
     plain = fast_cls(64, 4, dropout=0.0, num_kv_heads=2).to(DEVICE)
     plain.load_state_dict(module.state_dict())
     x = torch.randn(2, 13, 64, device=DEVICE)
-    mask = _padding_mask("right", 2, 13)
+    mask = padding_mask("right", 2, 13)
     module.eval()
     first, second = module(x, mask, True), module(x, mask, True)
     assert torch.equal(first, second)
@@ -257,6 +256,6 @@ def test_forward_error_integer_x():
 @pytest.mark.parametrize("mask", [None, "right", "left"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_gpu_bf16(kind, mask):
-    attention_mask = None if mask is None else _padding_mask(mask, 4, 1024)
+    attention_mask = None if mask is None else padding_mask(mask, 4, 1024)
     _check_modules(kind, torch.bfloat16, batch=4, seqlen=1024, attention_mask=attention_mask,
                    is_causal=True, d_model=1024, num_heads=16, num_kv_heads=4, bias=True)

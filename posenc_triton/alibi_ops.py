@@ -1,0 +1,250 @@
+"""ALiBi attention launchers, registered as ``torch.library`` ops with autograd.
+
+Reads top-down: autotune configs → launch helpers → the forward and backward launchers (the
+bodies of the ``triton_op``s ``posenc_triton::alibi_attention_fwd/bwd``) → autograd
+registration. Arguments arrive checked by :func:`posenc_triton.alibi.alibi_attention`.
+Triton and the kernels are imported lazily, so the package imports where Triton is not
+installed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from posenc_triton import _backend
+
+# ------------------------------------------------------------------------------------------
+# Autotuning: short config lists, pruned by head dim; one small fixed config when interpreting
+# ------------------------------------------------------------------------------------------
+
+
+def _config(block_m, block_n, num_warps, num_stages):
+    import triton
+
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Above D = 128 keep the small tiles and shallow pipelines that fit shared memory."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if block_d <= 128:
+        return configs
+    small = [c for c in configs
+             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+    return small or configs[-1:]
+
+
+# The last config of each list is the conservative one that fits D = 256 on any recent GPU.
+_FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 1)]
+_DQ_CONFIGS = [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+_AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
+                 "INPUT_PRECISION"]
+_INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+_PREPROCESS_BLOCK_M = 64
+
+
+@functools.cache
+def _kernels(interpreting: bool):
+    """``(fwd, preprocess, dkdv, dq)``; autotuned on GPU, raw kernels under the interpreter."""
+    import triton
+
+    from posenc_triton.kernels import alibi_attention as kern
+
+    kernels = (kern._alibi_attn_fwd, kern._alibi_attn_bwd_dkdv, kern._alibi_attn_bwd_dq)
+    if not interpreting:
+        kernels = tuple(
+            triton.autotune([_config(*c) for c in configs], key=_AUTOTUNE_KEY,
+                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
+            for kernel, configs in zip(kernels, (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS)))
+    fwd, dkdv, dq = kernels
+    return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
+
+
+def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool, varlen: bool) -> dict:
+    """Constexprs shared by the kernels (and the fixed tile when interpreting)."""
+    interpreting = _backend.interpreting()
+    head_dim = q.shape[-1]
+    meta = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, _backend.next_power_of_2(head_dim)),
+        "IS_CAUSAL": is_causal,
+        "HAS_KEY_MASK": has_key_mask,
+        "IS_VARLEN": varlen,
+        # fp32 inputs get IEEE fp32 products (PyTorch's default matmul), not TF32.
+        "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreting else None,
+        # work around the interpreter's bf16 dot and bf16 rounding
+        "INTERPRETER": interpreting,
+    }
+    if interpreting:
+        meta.update(_INTERPRETER_META)
+    return meta
+
+
+# Packed (varlen) tensors [total, H, D] travel as one batch of bshd: [1, H, total, D] views.
+
+
+def _bhsd(t: torch.Tensor, layout: str, varlen: bool = False) -> torch.Tensor:
+    if varlen:
+        t = t.unsqueeze(0)
+    return t.transpose(1, 2) if layout == "bshd" or varlen else t
+
+
+def _layout(t: torch.Tensor, layout: str, varlen: bool) -> torch.Tensor:
+    """A ``[B, H, S, D]`` view back in the caller's layout (``[total, H, D]`` packed)."""
+    return t.transpose(1, 2)[0] if varlen else _bhsd(t, layout)
+
+
+def _empty_bhsd(shape, layout: str, like: torch.Tensor, varlen: bool = False) -> torch.Tensor:
+    """Contiguous in the caller's layout, returned as a ``[B, H, S, D]`` view."""
+    b, h, s, d = shape
+    if layout == "bshd" or varlen:
+        return torch.empty((b, s, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+    return torch.empty((b, h, s, d), dtype=like.dtype, device=like.device)
+
+
+def _strides(*tensors: torch.Tensor, varlen: bool) -> list:
+    """The 4 strides of each ``[B, H, S, D]`` view; packed rows are addressed by their
+    sequence's first row, not by batch, so the batch stride is 0 then."""
+    return [s for t in tensors for s in ((0,) if varlen else t.stride()[:1]) + t.stride()[1:]]
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple:
+    return (0 if varlen else lse.stride(0)), lse.stride(1)
+
+
+def _slope_batch_stride(slopes: torch.Tensor) -> int:
+    return 0 if slopes.dim() == 1 else slopes.stride(0)
+
+
+def _key_mask_args(key_padding_mask: Optional[torch.Tensor], slopes: torch.Tensor):
+    """``(pointer, stride_b, stride_n)`` for the kernels' ``KPM``: the bool mask read as bytes
+    (a view, any strides), or a never-read stand-in when there is none (``HAS_KEY_MASK`` off)."""
+    if key_padding_mask is None:
+        return slopes, 0, 0
+    return (key_padding_mask.view(torch.uint8), *key_padding_mask.stride())
+
+
+def _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes: torch.Tensor) -> tuple:
+    """``(CU_Q, CU_K)``; never-read stand-ins when not packed (``IS_VARLEN`` off)."""
+    if cu_seqlens_q is None:
+        return slopes, slopes
+    return cu_seqlens_q, cu_seqlens_k
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers, registered as torch.library ops
+# ------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("posenc_triton::alibi_attention_fwd", mutates_args=())
+def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                            cu_seqlens_q: Optional[torch.Tensor],
+                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                            max_seqlen_k: int, is_causal: bool, scale: float,
+                            layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
+    ``[B, Hq, Sq]`` (``[1, Hq, total_q]`` packed; natural log, ``+inf`` for rows that see no
+    key).
+
+    ``slopes`` is contiguous float32 ``[Hq]`` or ``[B, Hq]``, ``key_padding_mask`` bool
+    ``[B, Sk]`` (any strides) or None. With ``cu_seqlens_q``/``cu_seqlens_k`` (int ``[B + 1]``)
+    ``q``, ``k``, ``v`` are packed ``[total, H, D]`` and ``max_seqlen_*`` bound the lengths.
+    Arguments are already checked.
+    """
+    varlen = cu_seqlens_q is not None
+    q, k, v = (_bhsd(t, layout, varlen) for t in (q, k, v))
+    num_heads, seqlen_q, num_kv_heads, seqlen_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    out = _empty_bhsd(q.shape, layout, q, varlen)
+    lse = torch.empty((q.shape[0], num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if varlen:
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    if out.numel() > 0 and seqlen_q > 0:
+        fwd = _kernels(_backend.interpreting())[0]
+        meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen)
+        grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
+        mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
+        _backend.launcher(fwd)[grid](
+            q, k, v, out, lse, slopes, mask,
+            *_cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), scale,
+            *_strides(q, k, v, out, varlen=varlen), *_lse_strides(lse, varlen),
+            _slope_batch_stride(slopes), stride_mb, stride_mn,
+            num_heads // num_kv_heads, seqlen_q, seqlen_k,
+            _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
+    return _layout(out, layout, varlen), lse
+
+
+@torch.library.triton_op("posenc_triton::alibi_attention_bwd", mutates_args=())
+def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, slopes: torch.Tensor,
+                             key_padding_mask: Optional[torch.Tensor],
+                             cu_seqlens_q: Optional[torch.Tensor],
+                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                             max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor,
+                             is_causal: bool, scale: float,
+                             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` shaped like ``q, k, v``, each contiguous in ``layout``."""
+    varlen = cu_seqlens_q is not None
+    grad_out, q, k, v, out = (_bhsd(t, layout, varlen) for t in (grad_out, q, k, v, out))
+    num_heads, seqlen_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    dq = _empty_bhsd(q.shape, layout, q, varlen)
+    dk = _empty_bhsd(k.shape, layout, k, varlen)
+    dv = _empty_bhsd(v.shape, layout, v, varlen)
+    _, preprocess, dkdv, dq_kernel = _kernels(_backend.interpreting())
+    meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen)
+    launch = _backend.launcher
+    mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
+    cu_q, cu_k = _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes)
+    delta = torch.empty_like(lse)
+    if dq.numel() > 0:
+        # rowsum(out * grad_out) needs no sequence bounds: packed rows are one long batch
+        block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
+        launch(preprocess)[(_backend.cdiv(seqlen_q, block_m), num_heads, q.shape[0])](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
+            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
+    if varlen:
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    common = (*_lse_strides(lse, varlen), _slope_batch_stride(slopes), stride_mb, stride_mn,
+              num_heads // num_kv_heads, seqlen_q, seqlen_k,
+              _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
+    if dq.numel() > 0 and seqlen_q > 0:
+        grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
+        launch(dq_kernel)[grid](
+            q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, scale,
+            *_strides(q, k, v, grad_out, dq, varlen=varlen), *common, **meta)
+    if dk.numel() > 0 and seqlen_k > 0:
+        grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
+        launch(dkdv)[grid](
+            q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, cu_q, cu_k, scale,
+            *_strides(q, k, v, grad_out, dk, dv, varlen=varlen), *common, **meta)
+    return tuple(_layout(t, layout, varlen) for t in (dq, dk, dv))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+     is_causal, scale, layout) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, out,
+                          lse)
+    ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, is_causal, scale, layout = ctx.args
+    dq, dk, dv = torch.ops.posenc_triton.alibi_attention_bwd(
+        grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, out, lse, is_causal, scale, layout)
+    return dq, dk, dv, *(None,) * 9
+
+
+torch.library.register_autograd("posenc_triton::alibi_attention_fwd", _backward,
+                                setup_context=_setup_context)
