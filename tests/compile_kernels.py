@@ -28,10 +28,14 @@ ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf
 
 
 def compile_sm90(kernel, types, constexprs, num_warps=4, num_stages=3):
-    """Shared memory (bytes) of ``kernel`` built for sm_90; unnamed arguments are int32."""
+    """Shared memory (bytes) of ``kernel`` built for sm_90; unnamed arguments are int32.
+
+    A non-constexpr argument named in ``constexprs`` (with value 1) is built the way Triton
+    specialises an integer argument equal to 1 at launch: as a constant.
+    """
     signature, constants = {}, {}
     for i, param in enumerate(kernel.params):
-        if param.is_constexpr:
+        if param.is_constexpr or param.name in constexprs:
             signature[param.name] = "constexpr"
             constants[(i,)] = constexprs[param.name]
         else:
@@ -53,6 +57,12 @@ def cases():
                                 "HAS_POS": True, "HAS_OFFSETS": interleaved,
                                 "INTERLEAVED": interleaved, "CONJUGATE": interleaved,
                                 "COPY_TAIL": 2 * half < dim}, 4, 1)
+    # Decode: S = 1, one KV head, offsets in a tensor; Triton makes the ones constants.
+    yield ("rope R=128 D=128 decode S=1 Hk=1", rope._rope_kernel, ROPE_TYPES,
+           {"HALF": 64, "D": 128, "BLOCK_S": 1, "BLOCK_H": 8, "BLOCK_R": 64, "BLOCK_T": 1,
+            "HAS_POS": False, "HAS_OFFSETS": True, "INTERLEAVED": False, "CONJUGATE": False,
+            "COPY_TAIL": False, "S": 1, "Hk": 1, "n_s_blocks": 1, "stride_qd": 1,
+            "stride_kd": 1}, 4, 1)
     kernels = (("fwd", alibi_attention._alibi_attn_fwd, alibi_ops._FWD_CONFIGS),
                ("dq", alibi_attention._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS),
                ("dkdv", alibi_attention._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS))
@@ -70,6 +80,11 @@ def cases():
                    f"{tuple(config.kwargs.values())}",
                    kernel, ATTN_TYPES, {**meta, **config.kwargs}, config.num_warps,
                    config.num_stages)
+        # Decode (Sq = 1), MHA, packed: lengths and group arrive specialised to constants.
+        meta = {"HEAD_DIM": 64, "BLOCK_D": 64, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
+                "IS_VARLEN": True, "INPUT_PRECISION": None, "INTERPRETER": False,
+                "BLOCK_M": 64, "BLOCK_N": 64, "seqlen_q": 1, "SQ_BUCKET": 1, "group": 1}
+        yield f"alibi {name} D=64 varlen=True Sq=1 group=1", kernel, ATTN_TYPES, meta, 4, 2
 
 
 def main() -> int:
