@@ -69,6 +69,16 @@ def smoke_cases(posenc_triton, reference) -> list:
             return (reference.alibi_attention_reference(q, k, v, is_causal=is_causal),)
         return ours, ref
 
+    # Three packed sequences: q lengths 7, 0, 23; k lengths 19, 5, 16.
+    cu_q = torch.tensor([0, 7, 7, 30], dtype=torch.int32)
+    cu_k = torch.tensor([0, 19, 24, 40], dtype=torch.int32)
+
+    def packed(q, k, v):
+        return (posenc_triton.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),)
+
+    def packed_ref(q, k, v):
+        return (reference.alibi_attention_varlen_reference(q, k, v, cu_q, cu_k),)
+
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).replace("torch.", "")
@@ -84,6 +94,9 @@ def smoke_cases(posenc_triton, reference) -> list:
               rand(1, 2, 40, 32, dtype=dtype))),
             (f"alibi_attention non-causal H3 S33 D16 {name}", dtype, *alibi(False),
              tuple(rand(2, 3, 33, 16, dtype=dtype) for _ in range(3))),
+            (f"alibi_attention packed causal Sq 7,0,23 Sk 19,5,16 Hq4 Hk2 D32 {name}", dtype,
+             packed, packed_ref, (rand(30, 4, 32, dtype=dtype), rand(40, 2, 32, dtype=dtype),
+                                  rand(40, 2, 32, dtype=dtype))),
         ]
     return cases
 
