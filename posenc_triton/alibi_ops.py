@@ -38,12 +38,18 @@ def _prune_configs(configs, named_args, **kwargs):
     return small or configs[-1:]
 
 
-# The last config of each list is the conservative one that fits D = 256 on any recent GPU.
-_FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 1)]
-_DQ_CONFIGS = [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), largest first. The first entries are the tiles
+# Triton's fused-attention tutorial settles on for Hopper; the last config of each list is
+# the conservative one that fits D = 256 on any recent GPU. A config that does not fit a
+# GPU's shared memory is skipped by the autotuner.
+_FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                (64, 64, 8, 2), (64, 32, 4, 2)]
+_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 5), (32, 128, 8, 3), (32, 64, 4, 3),
+                 (64, 64, 8, 2), (32, 32, 4, 1)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 5), (128, 32, 8, 3), (64, 64, 4, 3),
+               (64, 32, 4, 2), (32, 32, 4, 1)]
 _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
-                 "INPUT_PRECISION"]
+                 "IS_VARLEN", "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 _PREPROCESS_BLOCK_M = 64
 

@@ -504,6 +504,21 @@ def test_error_batch_past_grid_limit():
         alibi_attention(q, q, q)
 
 
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(45, 45), (21, 70), (70, 21)])
+def test_tile_shapes(monkeypatch, seqlen_q, seqlen_k, block_m, block_n):
+    """The GPU's autotuned tiles are not square: causal block skipping with BLOCK_M != BLOCK_N
+    (interpreter only; on CUDA the autotuner picks the tiles), with and without padding."""
+    if not _backend.interpreting():
+        pytest.skip("sets the interpreter's tile")
+    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_M", block_m)
+    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
+    torch.manual_seed(37)
+    inputs = _make_qkv(2, 2, 1, seqlen_q, seqlen_k, 16, torch.float32)
+    _check(inputs)
+    _check(inputs, key_padding_mask=padding_mask("random", 2, seqlen_k))
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_every_output_element_written(monkeypatch, layout):
     # out, dq, dk and dv start as NaN: an element a kernel leaves unwritten fails the check.

@@ -107,6 +107,18 @@ def test_fused_qkv_views():
     _check(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_q, cu_k)
 
 
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 64)])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_tile_shapes(monkeypatch, is_causal, block_m, block_n):
+    """Non-square tiles, as the GPU's autotuner picks them (interpreter only)."""
+    if not _backend.interpreting():
+        pytest.skip("sets the interpreter's tile")
+    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_M", block_m)
+    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
+    torch.manual_seed(52)
+    _check(*_packed(LENGTHS, 2, 1, 16, torch.float32), is_causal=is_causal)
+
+
 def test_every_output_element_written(monkeypatch):
     allocate = alibi_ops._empty_bhsd
     monkeypatch.setattr(alibi_ops, "_empty_bhsd", lambda *a: poison(allocate(*a)))
