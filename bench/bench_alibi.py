@@ -18,6 +18,11 @@ bf16, layout bhsd, default scale 1/sqrt(D), bottom-right causal alignment. Colum
 * sdpa (no bias): plain SDPA, causal (bottom-right via ``causal_lower_right`` when
   Sq != Sk): the ceiling, not ALiBi, so not checked.
 
+Packed cases (``lengths``) hold several sequences in one batch row of ``T = sum(lengths)``
+tokens: ours takes them as ``[T, H, D]`` views with ``cu_seqlens`` (and ``max_seqlen_*``, so
+no sync); flex uses a document block mask; sdpa+bias a block-diagonal bias; eager the
+per-sequence reference; the bias-free SDPA ceiling does not apply.
+
 Modes: fwd, and fwd+bwd (forward then ``torch.autograd.grad`` for q, k, v). TFLOP/s:
 ``4*B*Hq*Sq*Sk*D`` times the visible fraction (0.5 causal when Sq == Sk, counted exactly
 otherwise), x3.5 for fwd+bwd. Peak memory is the CUDA peak of one call, inputs included.
@@ -44,6 +49,7 @@ IMPLS = ["ours", "flex", "sdpa+bias", "eager", "sdpa (no bias)"]
 TOLERANCE = 3e-2  # largest error / largest |expected|, bf16 attention outputs and gradients
 EAGER_LIMIT = 8 << 30  # bytes of fp32 scores beyond which the eager reference is skipped
 BIAS_LIMIT = 16 << 30  # bytes of materialised bf16 bias beyond which sdpa+bias is skipped
+PACKED_LENGTHS = (4096, 1024, 3000, 512, 2048, 1800, 2500, 1404)  # 16384 tokens
 
 
 @dataclasses.dataclass
@@ -57,6 +63,7 @@ class Case:
     dim: int
     causal: bool = True
     memory_check: bool = False  # ours only, fwd+bwd, peak memory is the point
+    lengths: tuple = ()  # packed: the sequences in one batch row (sq = sk = their sum)
 
     @property
     def modes(self):
@@ -64,6 +71,9 @@ class Case:
 
     def flops(self) -> float:
         """Forward FLOPs: two matmuls of 2*D per visible (query, key) pair."""
+        if self.lengths:
+            pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in self.lengths)
+            return 4.0 * self.batch * self.hq * pairs * self.dim
         if not self.causal:
             visible = 1.0
         elif self.sq == self.sk:
@@ -80,6 +90,7 @@ def cases(quick: bool, dry: bool) -> list:
                 Case("B1 H4 S64 D32 non-causal", 1, 4, 4, 64, 64, 32, causal=False),
                 Case("GQA B1 Hq4 Hk2 S64 D32", 1, 4, 2, 64, 64, 32),
                 Case("chunk B1 H4 Sq16 Sk64 D32", 1, 4, 4, 16, 64, 32),
+                Case("packed 3 seqs T64 H4 D32", 1, 4, 4, 64, 64, 32, lengths=(20, 7, 37)),
                 Case("memory B1 H2 S128 D32", 1, 2, 2, 128, 128, 32, memory_check=True)]
     full = [Case("B2 H32 S4096 D128 causal", 2, 32, 32, 4096, 4096, 128),
             Case("B2 H32 S4096 D128 non-causal", 2, 32, 32, 4096, 4096, 128, causal=False),
@@ -87,16 +98,40 @@ def cases(quick: bool, dry: bool) -> list:
             Case("B4 H16 S2048 D64 causal", 4, 16, 16, 2048, 2048, 64),
             Case("GQA B2 Hq32 Hk8 S4096 D128", 2, 32, 8, 4096, 4096, 128),
             Case("chunk B2 H32 Sq128 Sk8192 D128", 2, 32, 32, 128, 8192, 128),
+            Case("packed 8 seqs T16384 H32 D128 causal", 1, 32, 32, 16384, 16384, 128,
+                 lengths=PACKED_LENGTHS),
             Case("memory B1 H8 S65536 D128", 1, 8, 8, 65536, 65536, 128, memory_check=True)]
     return [full[0], full[5], full[6]] if quick else full
 
 
 def materialised_bias(slopes, case: Case, reference) -> torch.Tensor:
-    """``[1, H, Sq, Sk]`` bf16 ALiBi bias, built head by head (fp32 distances are exact)."""
+    """``[1, H, Sq, Sk]`` bf16 ALiBi bias, built head by head (fp32 distances are exact);
+    block-diagonal for packed cases (``-inf`` across sequences)."""
+    if case.lengths:
+        bias = torch.full((1, case.hq, case.sq, case.sk), float("-inf"), device=slopes.device,
+                          dtype=DTYPE)
+        for start, n in zip(starts(case.lengths), case.lengths):
+            bias[:, :, start:start + n, start:start + n] = reference.alibi_bias(
+                slopes, n, n, case.causal)
+        return bias
     bias = torch.empty(1, case.hq, case.sq, case.sk, device=slopes.device, dtype=DTYPE)
     for h in range(case.hq):
         bias[:, h] = reference.alibi_bias(slopes[h:h + 1], case.sq, case.sk, case.causal)[0]
     return bias
+
+
+def starts(lengths) -> list:
+    """First token of each packed sequence."""
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def cu_seqlens(lengths, device) -> torch.Tensor:
+    return torch.tensor([*starts(lengths), sum(lengths)], dtype=torch.int32, device=device)
+
+
+def packed(fn):
+    """``fn`` on ``[T, H, D]`` views of ``[1, H, T, D]`` tensors, its output viewed back."""
+    return lambda q, k, v: fn(*(t[0].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)[None]
 
 
 def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
@@ -107,7 +142,17 @@ def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
 
     shift, group, gqa = case.sk - case.sq, case.hq // case.hk, case.hq != case.hk
 
+    if case.lengths:
+        cu = cu_seqlens(case.lengths, common.DEVICE)
+        doc = torch.repeat_interleave(torch.arange(len(case.lengths), device=common.DEVICE),
+                                      torch.tensor(case.lengths, device=common.DEVICE))
+
     def ours():
+        if case.lengths:
+            longest = max(case.lengths)
+            return packed(lambda q, k, v: posenc_triton.alibi_attention(
+                q, k, v, slopes, is_causal=case.causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                max_seqlen_q=longest, max_seqlen_k=longest))
         return lambda q, k, v: posenc_triton.alibi_attention(q, k, v, slopes,
                                                              is_causal=case.causal)
 
@@ -116,10 +161,17 @@ def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
             dist = q_idx + shift - kv_idx
             return score - slopes[h] * (dist if case.causal else dist.abs())
 
+        def visible(b, h, q_idx, kv_idx):
+            seen = q_idx + shift >= kv_idx
+            if case.lengths:
+                same = doc[q_idx] == doc[kv_idx]
+                return same & seen if case.causal else same
+            return seen
+
         block_mask = None
-        if case.causal:
-            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx + shift >= kv_idx,
-                                           None, None, case.sq, case.sk, device=common.DEVICE)
+        if case.causal or case.lengths:
+            block_mask = create_block_mask(visible, None, None, case.sq, case.sk,
+                                           device=common.DEVICE)
         compiled = torch.compile(flex_attention, dynamic=False)
         return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                         enable_gqa=gqa)
@@ -136,12 +188,17 @@ def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
                                                               attn_mask=bias)
 
     def eager():
+        if case.lengths:
+            return packed(lambda q, k, v: reference.alibi_attention_varlen_reference(
+                q, k, v, cu, cu, slopes, is_causal=case.causal, upcast=False))
         if case.batch * case.hq * case.sq * case.sk * 4 > EAGER_LIMIT:
             return "skipped (memory)"
         return lambda q, k, v: reference.alibi_attention_reference(
             q, k, v, slopes, is_causal=case.causal, upcast=False)
 
     def ceiling():
+        if case.lengths:
+            return "n/a (packed)"
         lower_right = case.causal and case.sq != case.sk
         mask = causal_lower_right(case.sq, case.sk) if lower_right else None
         return lambda q, k, v: F.scaled_dot_product_attention(
@@ -190,9 +247,14 @@ def run_case(report: common.Report, case: Case, posenc_triton, reference) -> Non
         fn, note = common.attempt(factory)
         impls[name] = fn if fn is not None else note
     # Every output must match the float32 reference where its scores fit, else ours.
-    fits = case.batch * case.hq * case.sq * case.sk * 4 <= EAGER_LIMIT
+    # (Packed: one sequence at a time, whose scores always fit.)
+    fits = bool(case.lengths) or case.batch * case.hq * case.sq * case.sk * 4 <= EAGER_LIMIT
 
     def base(a, b, c):
+        if case.lengths:
+            cu = cu_seqlens(case.lengths, dev)
+            return packed(lambda *t: reference.alibi_attention_varlen_reference(
+                *t, cu, cu, slopes, is_causal=case.causal))(a, b, c)
         if fits:
             return reference.alibi_attention_reference(a, b, c, slopes, is_causal=case.causal)
         return impls["ours"](a, b, c)
