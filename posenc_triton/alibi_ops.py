@@ -29,12 +29,19 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Above D = 128 keep the small tiles and shallow pipelines that fit shared memory."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if block_d <= 128:
+    """Keep the configs whose tiles fit sm_90's 227 KiB of shared memory: all of them up to
+    256 bytes per head row (bf16/fp16 at D <= 128); small tiles with shallow pipelines up to
+    512 (D = 256, or fp32 at D <= 128); the smallest beyond (fp32 at D = 256). The sizes are
+    those ``tests/compile_kernels.py`` measures."""
+    def get(name):
+        return kwargs.get(name, named_args.get(name))
+
+    row_bytes = get("BLOCK_D") * (4 if get("INPUT_PRECISION") == "ieee" else 2)
+    if row_bytes <= 256:
         return configs
+    tile = 64 * 64 if row_bytes <= 512 else 64 * 32
     small = [c for c in configs
-             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= tile and c.num_stages <= 2]
     return small or configs[-1:]
 
 

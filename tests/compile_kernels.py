@@ -25,6 +25,8 @@ ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "
 ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16"),
               "LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "KPM": "*u8",
               "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32"}
+ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
+                                                 "*fp32")}
 
 
 def compile_sm90(kernel, types, constexprs, num_warps=4, num_stages=3):
@@ -68,18 +70,21 @@ def cases():
                ("dkdv", alibi_attention._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS))
     for name, kernel, configs in kernels:
         # The largest config at D=128 (with the key mask, or packed), the pruned list's first
-        # at D=256.
-        for head_dim, masked, varlen in ((128, True, False), (128, False, True),
-                                         (256, False, False)):
+        # at D=256, and at D=256 in fp32 (IEEE products), whose tiles are twice the bytes.
+        for head_dim, masked, varlen, fp32 in ((128, True, False, False),
+                                               (128, False, True, False),
+                                               (256, False, False, False),
+                                               (256, False, False, True)):
             meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
-                    "HAS_KEY_MASK": masked, "IS_VARLEN": varlen, "INPUT_PRECISION": None,
-                    "INTERPRETER": False}
-            pruned = alibi_ops._prune_configs([alibi_ops._config(*c) for c in configs], {}, **meta)
+                    "HAS_KEY_MASK": masked, "IS_VARLEN": varlen,
+                    "INPUT_PRECISION": "ieee" if fp32 else None, "INTERPRETER": False}
+            pruned = alibi_ops._prune_configs([alibi_ops._config(*c) for c in configs], {},
+                                              **meta)
             config = pruned[0]
-            yield (f"alibi {name} D={head_dim} mask={masked} varlen={varlen} "
+            yield (f"alibi {name} D={head_dim} mask={masked} varlen={varlen} fp32={fp32} "
                    f"{tuple(config.kwargs.values())}",
-                   kernel, ATTN_TYPES, {**meta, **config.kwargs}, config.num_warps,
-                   config.num_stages)
+                   kernel, ATTN_TYPES_FP32 if fp32 else ATTN_TYPES, {**meta, **config.kwargs},
+                   config.num_warps, config.num_stages)
         # Decode (Sq = 1), MHA, packed: lengths and group arrive specialised to constants.
         meta = {"HEAD_DIM": 64, "BLOCK_D": 64, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                 "IS_VARLEN": True, "INPUT_PRECISION": None, "INTERPRETER": False,
