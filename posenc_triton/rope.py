@@ -169,7 +169,7 @@ def _check_tensor(name, t, dtypes, ndim=None):
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-def _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout):
+def _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout, check_positions=True):
     """Check every argument of :func:`apply_rope`; return ``(batch, seqlen)``."""
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -216,21 +216,26 @@ def _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout):
     elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
         raise TypeError(f"seqlen_offsets must be an int or an integer tensor, "
                         f"got {type(seqlen_offsets).__name__}")
-    _check_positions(seqlen, cos.shape[0], position_ids, seqlen_offsets)
+    if not isinstance(check_positions, bool):
+        raise TypeError(f"check_positions must be a bool, got {type(check_positions).__name__}")
+    # The reference path indexes the table in PyTorch (a negative row would wrap): it checks.
+    _check_positions(seqlen, cos.shape[0], position_ids, seqlen_offsets,
+                     check_positions or not use_triton(q))
     return batch, seqlen
 
 
-def _check_positions(seqlen, table, position_ids, seqlen_offsets):
+def _check_positions(seqlen, table, position_ids, seqlen_offsets, read_tensors=True):
     """Positions must index the cos/sin table: ``0 <= position < T``.
 
-    Tensor positions need their min/max, a device sync; it is skipped where a sync is not
-    allowed (``torch.compile``, CUDA-graph capture), and there the kernel reads NaN for a
-    position past the table instead of memory it does not own.
+    Tensor positions need their min/max, a device sync; it is skipped when asked
+    (``read_tensors=False``) and where a sync is not allowed (``torch.compile``, CUDA-graph
+    capture), and there the kernel reads NaN for a position past the table instead of memory
+    it does not own.
     """
     tensors = [t for t in (position_ids, seqlen_offsets) if isinstance(t, torch.Tensor)]
     if seqlen == 0 or any(t.numel() == 0 for t in tensors):  # no tokens
         return
-    if tensors and (torch.compiler.is_compiling() or (
+    if tensors and (not read_tensors or torch.compiler.is_compiling() or (
             tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())):
         return
     # One sync for all tensor bounds: [min, max] of each tensor, read in a single transfer.
@@ -257,6 +262,7 @@ def apply_rope(
     interleaved: bool = False,
     layout: str = "bshd",
     inplace: bool = False,
+    check_positions: bool = True,
 ):
     """Rotate ``q`` and ``k`` by RoPE in one kernel launch; returns ``(q_out, k_out)``.
 
@@ -270,8 +276,14 @@ def apply_rope(
             (KV-cache decode).
         interleaved: rotate pairs ``(x[2i], x[2i+1])`` (GPT-J) instead of halves (NeoX/Llama).
         inplace: write into ``q`` and ``k`` instead of new tensors.
+        check_positions: raise ``ValueError`` for a position outside the table. For tensor
+            positions this reads their min and max, a device sync; ``False`` skips it (decode
+            loops, positions known to fit), and then a position past the table gives NaN in
+            its rows, never a read of memory outside the table (as under ``torch.compile``
+            and CUDA-graph capture, which skip the sync anyway).
     """
-    batch, seqlen = _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout)
+    batch, seqlen = _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout,
+                              check_positions)
     if not use_triton(q):
         q_out, k_out = reference.apply_rope_reference(
             q, k, cos, sin, position_ids=position_ids, seqlen_offsets=seqlen_offsets,
@@ -351,17 +363,22 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, q, k=None, position_ids=None, offset: Union[int, torch.Tensor] = 0):
         seqlen = q.shape[1] if self.layout == "bshd" else q.shape[2]
+        lowest = 0
         if position_ids is None and not isinstance(offset, torch.Tensor):
             needed = seqlen + offset
-        else:  # a host sync, as in Hugging Face's dynamic RoPE
+        else:  # one host sync for both bounds, as in Hugging Face's dynamic RoPE
             pos = reference.rope_positions(q.shape[0], seqlen, position_ids, offset, q.device)
-            needed = int(pos.max()) + 1 if pos.numel() else 0
+            lowest, highest = torch.stack(torch.aminmax(pos)).tolist() if pos.numel() else (0, -1)
+            needed = highest + 1
+        if lowest < 0:
+            raise ValueError(f"positions (position_ids + offset) must be >= 0, got {lowest}")
         if needed > self.cos_cached.shape[0] or (
                 self._length_dependent and needed > self._freq_seq_len):
             self._build(needed, self.cos_cached.device)
+        # The table now holds every position: apply_rope need not read them again.
         return apply_rope(q, k, self.cos_cached, self.sin_cached, position_ids=position_ids,
                           seqlen_offsets=offset, interleaved=self.interleaved,
-                          layout=self.layout)
+                          layout=self.layout, check_positions=False)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "

@@ -6,6 +6,7 @@ import torch
 import posenc_triton
 from conftest import DEVICE, assert_close, poison, requires_cuda
 from posenc_triton import reference
+from posenc_triton import rope as rope_module
 from posenc_triton.rope import rope_forward
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -192,6 +193,39 @@ def test_position_past_table_reads_nan_in_kernel():
     rope_forward(q_out, None, q, None, cos, sin, pos, None, 0, False, False)
     assert torch.isfinite(q_out[:, :2]).all()
     assert torch.isnan(q_out[:, 2:]).all()
+
+
+def test_unchecked_positions(monkeypatch):
+    """``check_positions=False`` reads no tensor position (no sync): in range it rotates as
+    usual, past the table it gives NaN rows; the reference path still checks."""
+    cos, sin = tables(32, length=16)
+    q, k = make((2, 3, 2, 32), torch.float32), make((2, 3, 1, 32), torch.float32)
+    pos = torch.tensor([[0, 7, 15], [3, 4, 5]], device=DEVICE)
+    monkeypatch.setattr(torch, "aminmax", None)  # any read of the positions fails
+    q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, position_ids=pos,
+                                            check_positions=False)
+    q_ref, k_ref = reference.apply_rope_reference(q.double(), k.double(), cos, sin,
+                                                  position_ids=pos)
+    assert_close(q_out, q_ref)
+    assert_close(k_out, k_ref)
+    monkeypatch.undo()
+    offsets = torch.tensor([0, 14], device=DEVICE)  # batch row 1 reaches position 16
+    q_out, _ = posenc_triton.apply_rope(q, k, cos, sin, seqlen_offsets=offsets,
+                                        check_positions=False)
+    assert torch.isfinite(q_out[0]).all()
+    assert torch.isnan(q_out[1, 2]).all() and torch.isfinite(q_out[1, :2]).all()
+    monkeypatch.setattr(rope_module, "use_triton", lambda t: False)
+    with pytest.raises(ValueError, match="outside the cos/sin table"):
+        posenc_triton.apply_rope(q, k, cos, sin, seqlen_offsets=offsets, check_positions=False)
+    with pytest.raises(TypeError, match="check_positions must be a bool"):
+        posenc_triton.apply_rope(q, k, cos, sin, check_positions=1)
+
+
+def test_rotary_embedding_negative_positions():
+    rope = posenc_triton.RotaryEmbedding(32, max_seq_len=16).to(DEVICE)
+    q = make((2, 3, 2, 32), torch.float32)
+    with pytest.raises(ValueError, match="must be >= 0, got -2"):
+        rope(q, offset=torch.tensor([0, -2], device=DEVICE))
 
 
 def test_rotary_embedding_module():
