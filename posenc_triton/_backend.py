@@ -32,6 +32,26 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and interpreting()
 
 
+def library_op(name: str, mutates_args):
+    """Register a launcher as the ``torch.library`` op ``name``.
+
+    On GPU a ``triton_op``: ``torch.compile`` traces into its body and sees the kernel
+    through :func:`launcher`. Under the interpreter that trace would run the body on fake
+    tensors, where an interpreted launch does nothing, and the compiled graph would keep only
+    the empty outputs; there the op is an opaque ``custom_op`` whose body runs at call time
+    (and, on fake tensors, is its own fake implementation).
+    """
+    if not interpreting():
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
 def launcher(kernel):
     """``kernel`` as a launchable for a ``torch.library.triton_op`` body.
 

@@ -154,7 +154,7 @@ def _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes: torch.Tensor) -> tuple:
 # ------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("posenc_triton::alibi_attention_fwd", mutates_args=())
+@_backend.library_op("posenc_triton::alibi_attention_fwd", mutates_args=())
 def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                             cu_seqlens_q: Optional[torch.Tensor],
@@ -193,7 +193,7 @@ def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _layout(out, layout, varlen), lse
 
 
-@torch.library.triton_op("posenc_triton::alibi_attention_bwd", mutates_args=())
+@_backend.library_op("posenc_triton::alibi_attention_bwd", mutates_args=())
 def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, slopes: torch.Tensor,
                              key_padding_mask: Optional[torch.Tensor],

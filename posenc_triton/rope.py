@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from posenc_triton import reference
-from posenc_triton._backend import cdiv, launcher, next_power_of_2, use_triton
+from posenc_triton._backend import cdiv, launcher, library_op, next_power_of_2, use_triton
 from posenc_triton.rope_scaling import rope_cos_sin, rope_frequencies
 
 __all__ = ["RotaryEmbedding", "apply_rope", "rope_cos_sin", "rope_forward", "rope_frequencies"]
@@ -92,7 +92,7 @@ def rope_forward(
     )
 
 
-@torch.library.triton_op("posenc_triton::rope_", mutates_args={"q_out", "k_out"})
+@library_op("posenc_triton::rope_", mutates_args={"q_out", "k_out"})
 def _rope_op(
     q_out: torch.Tensor,
     k_out: Optional[torch.Tensor],

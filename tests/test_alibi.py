@@ -469,6 +469,22 @@ def test_gpu_key_padding(seqlen_q, seqlen_k, kind, is_causal, dtype):
            key_padding_mask=mask)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_torch_compile_fullgraph_traces(with_mask):
+    """Dynamo traces forward and backward without a graph break (any device; the kernels
+    run eagerly behind the traced graph)."""
+    torch.manual_seed(38)
+    q, k, v = _make_qkv(2, 4, 2, 19, 23, 16, torch.float32)
+    kwargs = {"key_padding_mask": padding_mask("random", 2, 23)} if with_mask else {}
+    step = functools.partial(alibi_attention, **kwargs)
+    out, grads, grad_out = fwd_bwd(torch.compile(step, fullgraph=True, backend="aot_eager"),
+                                   [q, k, v])
+    want, want_grads, _ = fwd_bwd(step, [q, k, v], grad_out)
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 @requires_cuda
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_gpu_torch_compile_fullgraph(with_mask):

@@ -176,7 +176,7 @@ def test_torch_compile_fullgraph_traces():
         return alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=20,
                                max_seqlen_k=20)
 
-    out, grads, grad_out = fwd_bwd(torch.compile(step, fullgraph=True, backend="eager"),
+    out, grads, grad_out = fwd_bwd(torch.compile(step, fullgraph=True, backend="aot_eager"),
                                    [q, k, v])
     want, want_grads, _ = fwd_bwd(step, [q, k, v], grad_out)
     torch.testing.assert_close(out, want)

@@ -176,7 +176,7 @@ def test_torch_compile_traces_fused():
         q_out, k_out = hf.fused_apply_rotary_pos_emb(q, k, cos, sin)
         return q_out.square().sum() + k_out.sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for qq in (q, sliced):  # flattened path, then the token-row arange built in the graph
         got = torch.autograd.grad(compiled(qq, k), (qq, k))
         want = torch.autograd.grad(step(qq, k), (qq, k))
