@@ -70,6 +70,15 @@ def fwd_bwd(fn, inputs, grad_out=None):
     return out.detach(), grads, grad_out
 
 
+def check_compiled(step, inputs, rtol=None, atol=None, **compile_kwargs):
+    """``torch.compile(step, fullgraph=True)`` (no graph break) gives eager ``step``'s output
+    and gradients w.r.t. ``inputs``, within ``rtol``/``atol`` (default: dtype's)."""
+    out, grads, grad_out = fwd_bwd(torch.compile(step, fullgraph=True, **compile_kwargs), inputs)
+    want, want_grads, _ = fwd_bwd(step, inputs, grad_out)
+    for got, expected in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+
+
 def check_error_rule(name, actual, ref64, ref_same, dtype, atol=None):
     """flash-attn's rule for fp16/bf16: ``max|actual - ref64| <= 2 * max|ref_same - ref64|
     + atol``, ``ref_same`` being the same-dtype PyTorch reference; fp32 uses the table."""

@@ -324,7 +324,8 @@ def test_torch_compile_traces_whole_graph():
         q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin, position_ids=pos)
         return q_out.square().sum() + k_out.sum()
 
-    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(q, k), (q, k))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k), (q, k))
     want = torch.autograd.grad(step(q, k), (q, k))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
