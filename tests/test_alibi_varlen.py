@@ -4,6 +4,8 @@ Each packed sequence must equal attending to it alone: the kernels are compared 
 ``alibi_attention_varlen_reference`` (the dense reference, one sequence at a time) in
 float64 under flash-attn's error rule, with sequences that are empty, shorter and longer
 than the 16-row interpreter tiles, and with Sq == Sk, Sq < Sk and Sq > Sk inside one pack.
+On CUDA also: real lengths, torch.compile, and CUDA-graph replay (of dense calls too, which
+share the capture rules: bounds given, autotuning done beforehand).
 """
 
 import functools
@@ -263,3 +265,43 @@ def test_gpu_torch_compile_fullgraph():
     step = functools.partial(alibi_attention, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                              max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
     check_compiled(step, [q, k, v], rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_cuda_graph_capture(packed):
+    """Forward and backward replay from a CUDA graph with new inputs (dense and packed)."""
+    torch.manual_seed(53)
+    if packed:
+        q, k, v, cu_q, cu_k = _packed([(300, 300), (77, 500), (1, 64)], 8, 2, 64,
+                                      torch.bfloat16)
+        kwargs = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": 300,
+                  "max_seqlen_k": 500}
+    else:
+        q = torch.randn(2, 8, 300, 64, dtype=torch.bfloat16, device=DEVICE)
+        k, v = (torch.randn(2, 2, 500, 64, dtype=torch.bfloat16, device=DEVICE)
+                for _ in range(2))
+        kwargs = {}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn_like(q)
+
+    def step():
+        out = alibi_attention(*leaves, **kwargs)
+        return (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
+
+    side = torch.cuda.Stream()  # warm up (autotune, compile) outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for leaf in leaves:
+            leaf.copy_(torch.randn_like(leaf))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, step()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
