@@ -329,6 +329,9 @@ class RotaryEmbedding(torch.nn.Module):
     :func:`apply_rope` (``layout`` picks ``"bshd"`` or ``"bhsd"``). With ``dynamic`` or
     ``longrope`` scaling the frequencies depend on the sequence length: they are rebuilt for
     the longest sequence seen so far, as Hugging Face's dynamic update does when it grows.
+    Tensor positions are read on the host to size the cache (one sync); under
+    ``torch.compile`` and CUDA-graph capture they are not, and the cache built so far (at
+    least ``max_seq_len`` rows) must hold them: a position past it gives NaN rows.
     """
 
     def __init__(self, head_dim: int, rotary_dim: Optional[int] = None, base: float = 10000.0,
@@ -366,6 +369,9 @@ class RotaryEmbedding(torch.nn.Module):
         lowest = 0
         if position_ids is None and not isinstance(offset, torch.Tensor):
             needed = seqlen + offset
+        elif torch.compiler.is_compiling() or (
+                q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            needed = 0  # no host read here: the cache must already hold the positions
         else:  # one host sync for both bounds, as in Hugging Face's dynamic RoPE
             pos = reference.rope_positions(q.shape[0], seqlen, position_ids, offset, q.device)
             lowest, highest = torch.stack(torch.aminmax(pos)).tolist() if pos.numel() else (0, -1)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 import posenc_triton
-from conftest import DEVICE, FP32_BWD_ATOL, check_error_rule, padding_mask, requires_cuda
+from conftest import (
+    DEVICE,
+    FP32_BWD_ATOL,
+    check_compiled,
+    check_error_rule,
+    padding_mask,
+    requires_cuda,
+)
 from posenc_triton import nn as pnn
 from posenc_triton.reference import ALiBiAttentionReference, RoPEAttentionReference
 
@@ -135,6 +142,17 @@ def test_rope_cache_grows():
 # ------------------------------------------------------------------------------------------
 # Dropout, state dict, dtypes
 # ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_compile_fullgraph(kind, with_mask):
+    """A layer traces into one graph, forward and backward, and gives the eager result."""
+    torch.manual_seed(7)
+    module = MODULES[kind][0](64, 4, num_kv_heads=2).to(DEVICE)
+    mask = padding_mask("right", 2, 19) if with_mask else None
+    check_compiled(lambda x: module(x, attention_mask=mask, is_causal=True),
+                   [torch.randn(2, 19, 64, device=DEVICE)], backend="aot_eager")
 
 
 @pytest.mark.parametrize("kind", KINDS)

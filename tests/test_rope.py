@@ -228,6 +228,16 @@ def test_rotary_embedding_negative_positions():
         rope(q, offset=torch.tensor([0, -2], device=DEVICE))
 
 
+def test_rotary_embedding_compiles_with_tensor_positions():
+    """No host read of tensor positions under torch.compile: one graph, same result."""
+    rope = posenc_triton.RotaryEmbedding(32, max_seq_len=16).to(DEVICE)
+    q, k = make((2, 3, 2, 32), torch.float32), make((2, 3, 1, 32), torch.float32)
+    offsets = torch.tensor([0, 9], device=DEVICE)
+    compiled = torch.compile(rope, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, offset=offsets), rope(q, k, offset=offsets)):
+        torch.testing.assert_close(got, want)
+
+
 def test_rotary_embedding_module():
     d, r = 64, 32
     rope = posenc_triton.RotaryEmbedding(d, rotary_dim=r, max_seq_len=16).to(DEVICE)
