@@ -17,6 +17,7 @@ from posenc_triton import _backend, alibi_ops  # noqa: F401  (registers the ops)
 from posenc_triton.reference import alibi_attention_reference, alibi_attention_varlen_reference
 
 MAX_HEAD_DIM = 256
+MAX_SEQLEN = 1 << 24  # positions are fp32 in the kernels: exact up to 2^24
 _MAX_GRID = 65535  # grid axes 1 and 2 carry heads and batch
 _LAYOUTS = ("bhsd", "bshd")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -101,6 +102,8 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
     if batch > _MAX_GRID or num_heads > _MAX_GRID:
         raise ValueError(f"batch ({batch}) and q's head count ({num_heads}) must each be at most "
                          f"{_MAX_GRID} (CUDA grid limit); split the batch")
+    if num_seqs is None:  # packed input checks its sequences' bounds instead
+        _check_seqlens(q.shape[2 if layout == "bhsd" else 1], k.shape[2 if layout == "bhsd" else 1])
     num_kv_heads = k.shape[hd]
     if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
         raise ValueError(f"q's head count {num_heads} must be a multiple of k's and v's "
@@ -174,6 +177,7 @@ def _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         if None in bounds:
             raise ValueError("max_seqlen_q and max_seqlen_k must be given under torch.compile "
                              "and CUDA-graph capture (reading them from cu_seqlens syncs)")
+        _check_seqlens(*bounds)
         return tuple(bounds)
     # One device sync checks both: [first, last, shortest, longest] of each.
     stats = torch.stack([_cu_seqlens_stats(cu) for cu in (cu_seqlens_q, cu_seqlens_k)])
@@ -189,7 +193,14 @@ def _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         elif longest > bounds[i]:
             raise ValueError(f"max_seqlen_{'qk'[i]}={bounds[i]} is shorter than the longest "
                              f"sequence in {name} ({longest})")
+    _check_seqlens(*bounds)
     return tuple(bounds)
+
+
+def _check_seqlens(seqlen_q: int, seqlen_k: int) -> None:
+    if max(seqlen_q, seqlen_k) > MAX_SEQLEN:
+        raise ValueError(f"sequence lengths up to {MAX_SEQLEN} (2^24) are supported, got "
+                         f"Sq={seqlen_q}, Sk={seqlen_k}")
 
 
 def _cu_seqlens_stats(cu: torch.Tensor) -> torch.Tensor:

@@ -401,6 +401,14 @@ def test_errors(over, kwargs, exc, match):
         alibi_attention(args["q"], args["k"], args["v"], **kwargs)
 
 
+def test_error_sequence_past_2_24():
+    """Positions are fp32 in the kernels: longer sequences are refused, not rounded."""
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16, device=DEVICE)
+    k = q.expand(1, 1, (1 << 24) + 1, 16)
+    with pytest.raises(ValueError, match=r"sequence lengths up to 16777216 \(2\^24\)"):
+        alibi_attention(q, k, k)
+
+
 def test_slopes_errors():
     with pytest.raises(ValueError, match="num_heads"):
         alibi_slopes(0)

@@ -209,6 +209,7 @@ def _args():
      "cu_seqlens_k must rise .* smallest step -1"),
     ({"max_seqlen_q": 3}, ValueError, "max_seqlen_q=3 is shorter than the longest"),
     ({"max_seqlen_k": -1}, TypeError, "max_seqlen_k must be a non-negative int"),
+    ({"max_seqlen_k": (1 << 24) + 1}, ValueError, r"sequence lengths up to 16777216"),
     ({"max_seqlen_k": True}, TypeError, "max_seqlen_k must be a non-negative int"),
     ({"key_padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError,
      "key_padding_mask does not apply"),
