@@ -224,14 +224,13 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Sq, D]``, ``k, v [B, Hk, Sk, D]`` (``layout="bhsd"``) or ``[B, S, H, D]``
-    (``"bshd"``), any strides, ``Hq % Hk == 0``, ``D <= 256``, ``Sq, Sk <= 2^24``;
-    ``slopes`` float32 ``[Hq]`` or
-    ``[B, Hq]`` (default :func:`alibi_slopes`), no gradient. Query ``i`` sits at key position
-    ``i + Sk - Sq`` (bottom-right); a causal row that sees no key outputs 0. ``scale``
-    defaults to ``1/sqrt(D)``. ``key_padding_mask`` bool ``[B, Sk]`` (True = keep, like
-    flash-attn's ``attention_mask``; any strides) hides padded keys from every query: a row
-    left with no key outputs 0, and padded keys get ``dk = dv = 0``. Returns ``out`` shaped
-    like ``q`` in ``layout``.
+    (``"bshd"``), any strides, ``Hq % Hk == 0``, ``D <= 256``, ``Sq, Sk <= 2^24``; ``slopes``
+    float32 ``[Hq]`` or ``[B, Hq]`` (default :func:`alibi_slopes`), no gradient. Query ``i``
+    sits at key position ``i + Sk - Sq`` (bottom-right); a causal row that sees no key
+    outputs 0. ``scale`` defaults to ``1/sqrt(D)``. ``key_padding_mask`` bool ``[B, Sk]``
+    (True = keep, like flash-attn's ``attention_mask``; any strides) hides padded keys from
+    every query: a row left with no key outputs 0, and padded keys get ``dk = dv = 0``.
+    Returns ``out`` shaped like ``q`` in ``layout``.
 
     Packed variable-length input (flash-attn's ``flash_attn_varlen_func`` convention):
     ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]`` and int32/int64 ``cu_seqlens_q``,
