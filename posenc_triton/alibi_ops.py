@@ -1,8 +1,9 @@
 """ALiBi attention launchers, registered as ``torch.library`` ops with autograd.
 
 Reads top-down: autotune configs → launch helpers → the forward and backward launchers (the
-bodies of the ``triton_op``s ``posenc_triton::alibi_attention_fwd/bwd``) → autograd
-registration. Arguments arrive checked by :func:`posenc_triton.alibi.alibi_attention`.
+bodies of the ops ``posenc_triton::alibi_attention_fwd/bwd``: ``triton_op``s on GPU, opaque
+``custom_op``s under the interpreter, see :func:`posenc_triton._backend.library_op`) →
+autograd registration. Arguments arrive checked by :func:`posenc_triton.alibi.alibi_attention`.
 Triton and the kernels are imported lazily, so the package imports where Triton is not
 installed.
 """
@@ -17,7 +18,7 @@ import torch
 from posenc_triton import _backend
 
 # ------------------------------------------------------------------------------------------
-# Autotuning: short config lists, pruned by head dim; one small fixed config when interpreting
+# Autotuning: short config lists, pruned by bytes per head row; one fixed tile when interpreting
 # ------------------------------------------------------------------------------------------
 
 
