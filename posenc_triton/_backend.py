@@ -32,6 +32,13 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and interpreting()
 
 
+def host_read_allowed(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` may read device values on the host (a sync): not while
+    ``torch.compile`` traces, nor during CUDA-graph capture."""
+    return not (torch.compiler.is_compiling()
+                or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
 def library_op(name: str, mutates_args):
     """Register a launcher as the ``torch.library`` op ``name``.
 

@@ -173,7 +173,7 @@ def _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     """``(max_seqlen_q, max_seqlen_k)``, read from ``cu_seqlens`` where not given, after
     checking ``cu_seqlens``' values (one sync; skipped where a sync is not allowed)."""
     bounds = [max_seqlen_q, max_seqlen_k]
-    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not _backend.host_read_allowed(q):
         if None in bounds:
             raise ValueError("max_seqlen_q and max_seqlen_k must be given under torch.compile "
                              "and CUDA-graph capture (reading them from cu_seqlens syncs)")

@@ -13,7 +13,14 @@ from typing import Optional, Union
 import torch
 
 from posenc_triton import reference
-from posenc_triton._backend import cdiv, launcher, library_op, next_power_of_2, use_triton
+from posenc_triton._backend import (
+    cdiv,
+    host_read_allowed,
+    launcher,
+    library_op,
+    next_power_of_2,
+    use_triton,
+)
 from posenc_triton.rope_scaling import rope_cos_sin, rope_frequencies
 
 __all__ = ["RotaryEmbedding", "apply_rope", "rope_cos_sin", "rope_forward", "rope_frequencies"]
@@ -235,8 +242,7 @@ def _check_positions(seqlen, table, position_ids, seqlen_offsets, read_tensors=T
     tensors = [t for t in (position_ids, seqlen_offsets) if isinstance(t, torch.Tensor)]
     if seqlen == 0 or any(t.numel() == 0 for t in tensors):  # no tokens
         return
-    if tensors and (not read_tensors or torch.compiler.is_compiling() or (
-            tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+    if tensors and not (read_tensors and host_read_allowed(tensors[0])):
         return
     # One sync for all tensor bounds: [min, max] of each tensor, read in a single transfer.
     bounds = iter(torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64)
@@ -369,8 +375,7 @@ class RotaryEmbedding(torch.nn.Module):
         lowest = 0
         if position_ids is None and not isinstance(offset, torch.Tensor):
             needed = seqlen + offset
-        elif torch.compiler.is_compiling() or (
-                q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        elif not host_read_allowed(q):
             needed = 0  # no host read here: the cache must already hold the positions
         else:  # one host sync for both bounds, as in Hugging Face's dynamic RoPE
             pos = reference.rope_positions(q.shape[0], seqlen, position_ids, offset, q.device)
