@@ -39,6 +39,17 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
+def set_interpreter_tile(monkeypatch, block_m: int, block_n: int) -> None:
+    """Run the attention kernels with a ``block_m x block_n`` tile (the GPU's autotuner picks
+    non-square ones); skips the test where the kernels are not interpreted."""
+    from posenc_triton import _backend, alibi_ops
+
+    if not _backend.interpreting():
+        pytest.skip("sets the interpreter's tile")
+    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_M", block_m)
+    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
+
+
 def count_calls_of(monkeypatch, module, name):
     """A list that grows by one at every call of ``module.name`` (which still runs)."""
     calls, real = [], getattr(module, name)

@@ -24,6 +24,7 @@ from conftest import (
     padding_mask,
     poison,
     requires_cuda,
+    set_interpreter_tile,
 )
 from posenc_triton import _backend, alibi_ops
 from posenc_triton.alibi import alibi_attention, alibi_slopes
@@ -523,10 +524,7 @@ def test_error_batch_past_grid_limit():
 def test_tile_shapes(monkeypatch, seqlen_q, seqlen_k, block_m, block_n):
     """The GPU's autotuned tiles are not square: causal block skipping with BLOCK_M != BLOCK_N
     (interpreter only; on CUDA the autotuner picks the tiles), with and without padding."""
-    if not _backend.interpreting():
-        pytest.skip("sets the interpreter's tile")
-    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_M", block_m)
-    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
+    set_interpreter_tile(monkeypatch, block_m, block_n)
     torch.manual_seed(37)
     inputs = _make_qkv(2, 2, 1, seqlen_q, seqlen_k, 16, torch.float32)
     _check(inputs)

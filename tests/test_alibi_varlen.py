@@ -22,6 +22,7 @@ from conftest import (
     padding_mask,
     poison,
     requires_cuda,
+    set_interpreter_tile,
 )
 from posenc_triton import _backend, alibi_ops
 from posenc_triton.alibi import alibi_attention, alibi_slopes
@@ -114,10 +115,7 @@ def test_fused_qkv_views():
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_tile_shapes(monkeypatch, is_causal, block_m, block_n):
     """Non-square tiles, as the GPU's autotuner picks them (interpreter only)."""
-    if not _backend.interpreting():
-        pytest.skip("sets the interpreter's tile")
-    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_M", block_m)
-    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
+    set_interpreter_tile(monkeypatch, block_m, block_n)
     torch.manual_seed(52)
     _check(*_packed(LENGTHS, 2, 1, 16, torch.float32), is_causal=is_causal)
 
