@@ -5,7 +5,10 @@ the dict lives in ``config.rope_parameters``; 4.x ``config.rope_scaling`` dicts 
 shape). Where transformers reads other config fields, explicit arguments replace them:
 
 * ``rotary_dim`` replaces ``int(head_dim * partial_rotary_factor)``; a ``partial_rotary_factor``
-  key in ``scaling`` is ignored, because ``rotary_dim`` already is the rotary width.
+  key in ``scaling`` is ignored, because ``rotary_dim`` already is the rotary width -- except
+  for ``proportional`` (Gemma-4, LFM-3), whose table always spans the head: there
+  ``rotary_dim`` is the head dim and ``partial_rotary_factor`` the fraction of angles that
+  rotate (the others get frequency 0: cos 1, sin 0, the pair passes through).
 * ``base`` replaces ``rope_theta``; a ``rope_theta`` key in ``scaling`` must equal ``base``.
 * ``max_position_embeddings`` replaces ``config.max_position_embeddings``: required by
   ``dynamic``; for ``yarn``/``llama3``/``longrope`` it fills a missing
@@ -195,6 +198,19 @@ def _longrope(dim, base, p, rt, max_pos, seq_len):
     return 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)), attention
 
 
+def _proportional(dim, base, p, rt, max_pos, seq_len):
+    # Exponents over the whole head dim, the first int(fraction * dim // 2) angles nonzero.
+    fraction = _param(p, "partial_rotary_factor", rt, 1.0, at_least=0)
+    if fraction > 1:
+        raise ValueError(f"scaling['partial_rotary_factor'] (rope_type={rt!r}) must be in "
+                         f"[0, 1], got {fraction}")
+    factor = _param(p, "factor", rt, 1.0, above=0)
+    angles = int(fraction * dim // 2)
+    inv_freq = torch.zeros(dim // 2, dtype=torch.float64)
+    inv_freq[:angles] = _plain(dim, base)[:angles]
+    return inv_freq / factor, 1.0
+
+
 _VARIANTS: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
     "default": _default,
     "linear": _linear,
@@ -202,6 +218,7 @@ _VARIANTS: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
     "yarn": _yarn,
     "llama3": _llama3,
     "longrope": _longrope,
+    "proportional": _proportional,
 }
 SUPPORTED_ROPE_TYPES = tuple(_VARIANTS)
 

@@ -134,6 +134,19 @@ def test_longrope(dim, base):
     assert scale == 1.25
 
 
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("fraction, factor", [(0.25, None), (0.5, 8.0), (1.0, None),
+                                              (0.0, 2.0), (0.3, None), (None, None)])
+def test_proportional(dim, base, fraction, factor):
+    # Gemma-4 / LFM-3: a full-width table, exponents over the head dim, the tail frequencies 0.
+    scaling = {"rope_type": "proportional", "partial_rotary_factor": fraction, "factor": factor}
+    scaling = {k: v for k, v in scaling.items() if v is not None}
+    got, scale = _check(scaling, dim, base, 4096)
+    angles = int((1.0 if fraction is None else fraction) * dim // 2)
+    assert scale == 1.0 and (got[angles:] == 0).all() and (got[:angles] > 0).all()
+
+
 def test_rope_parameters_dict_with_theta():
     """A 5.x `config.rope_parameters` dict (carrying rope_theta) is accepted when base matches."""
     params = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0,
@@ -148,7 +161,7 @@ def test_device_and_supported():
     inv, _ = rope_frequencies(8, device="meta")
     assert inv.device.type == "meta" and inv.dtype == torch.float32
     assert set(SUPPORTED_ROPE_TYPES) == {"default", "linear", "dynamic", "yarn", "llama3",
-                                         "longrope"}
+                                         "longrope", "proportional"}
 
 
 @pytest.mark.parametrize("dim", [64, 128])
@@ -253,6 +266,11 @@ BAD_FREQ = [
     ((64, 1e4, {"rope_type": "longrope", "short_factor": LONG, "long_factor": ["a"] * 32,
                 "factor": 2.0, "original_max_position_embeddings": 64}), {}, TypeError,
      "long_factor"),
+    ((64, 1e4, {"rope_type": "proportional", "partial_rotary_factor": 1.5}), {}, ValueError,
+     "partial_rotary_factor.*\\[0, 1\\]"),
+    ((64, 1e4, {"rope_type": "proportional", "partial_rotary_factor": -0.1}), {}, ValueError,
+     "partial_rotary_factor"),
+    ((64, 1e4, {"rope_type": "proportional", "factor": 0}), {}, ValueError, "factor"),
     ((64,), {"max_position_embeddings": 0}, ValueError, "max_position_embeddings"),
     ((64,), {"max_position_embeddings": 4096.0}, TypeError, "max_position_embeddings"),
     ((64,), {"seq_len": -1}, ValueError, "seq_len"),
