@@ -11,6 +11,9 @@ Without CUDA: says so and runs a correctness smoke test instead: every kernel (a
 rotate-half and interleaved, alibi_attention causal and not, forward and backward) on tiny
 shapes through Triton's interpreter against the float64 reference; writes its table to
 ``smoke.md`` and ``smoke.json``; exit status 1 on a failure. Under a minute on a laptop.
+
+``posenc-bench extrapolation [--quick | --large] ...``: the length-extrapolation study
+(``bench_extrapolation``), on CPU or GPU.
 """
 
 from __future__ import annotations
@@ -150,6 +153,12 @@ def _compare(ours, ref, x, x64):
 
 def cli() -> int:
     """The ``posenc-bench`` command."""
+    import sys
+
+    if sys.argv[1:2] == ["extrapolation"]:  # the length-extrapolation study, CPU or GPU
+        from .bench_extrapolation import main
+
+        return main(sys.argv[2:])
     args = common.parse_args(__doc__, runner=True)
     if common.HAS_CUDA or args.cpu_dry_run:
         return benchmarks(args)

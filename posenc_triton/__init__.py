@@ -1,7 +1,7 @@
 """posenc_triton: fused Triton kernels for rotary (RoPE) and ALiBi positional encodings."""
 
 from posenc_triton.alibi import alibi_attention, alibi_slopes
-from posenc_triton.nn import ALiBiAttention, RoPEAttention
+from posenc_triton.nn import ALiBiAttention, RoPEAttention, SinusoidalPositionalEncoding
 from posenc_triton.rope import RotaryEmbedding, apply_rope, rope_cos_sin, rope_frequencies
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __all__ = [
     "ALiBiAttention",
     "RoPEAttention",
     "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
     "alibi_attention",
     "alibi_slopes",
     "apply_rope",

@@ -13,6 +13,9 @@ position encoding and the attention call are the fast ones:
 Their plain counterparts, :class:`~posenc_triton.reference.RoPEAttentionReference` and
 :class:`~posenc_triton.reference.ALiBiAttentionReference`, share the constructor, the forward
 signature and the parameter names, so ``load_state_dict`` moves weights between them.
+
+:class:`SinusoidalPositionalEncoding` is the Transformer's fixed encoding added to the token
+embeddings (attention itself then carries no position), for comparisons with the two above.
 """
 
 from __future__ import annotations
@@ -23,10 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from posenc_triton.alibi import MAX_HEAD_DIM, alibi_attention, alibi_slopes
-from posenc_triton.reference import _SelfAttention, alibi_attention_reference
+from posenc_triton.reference import (
+    _check_positive_int,
+    _SelfAttention,
+    alibi_attention_reference,
+)
 from posenc_triton.rope import RotaryEmbedding
+from posenc_triton.rope_scaling import _real
 
-__all__ = ["ALiBiAttention", "RoPEAttention"]
+__all__ = ["ALiBiAttention", "RoPEAttention", "SinusoidalPositionalEncoding"]
 
 # SDPA's ``enable_gqa`` appeared in torch 2.5; older versions repeat the k/v heads instead.
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -177,3 +185,66 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int):
     """``[B, Hk, S, D]`` → ``[B, num_heads, S, D]``: each k/v head serves its query group."""
     group = num_heads // k.shape[1]
     return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+class SinusoidalPositionalEncoding(torch.nn.Module):
+    """The Transformer's fixed sinusoidal position encoding, added to the token embeddings.
+
+    ``PE(p, 2i) = sin(p / base^(2i / d_model))``, ``PE(p, 2i+1) = cos(p / base^(2i / d_model))``
+    (Vaswani et al., 2017: sine and cosine interleaved; an odd ``d_model`` ends with a sine).
+
+    ``forward(x, position_ids=None)``: ``x [B, S, d_model]`` → ``x + PE`` in ``x``'s dtype
+    (the sum in float32, or float64 for float64 ``x``), at positions ``arange(S)`` or the
+    integer ``position_ids`` ``[S]`` or ``[B, S]`` (any value: the formula has no table).
+    ``encoding(positions)`` returns the table itself, ``[*positions.shape, d_model]``.
+
+    No parameters and no buffers: the angles are formed in float64 at each call (a float32
+    angle drifts by ~1e-3 rad at position 1e4), which costs ``S x d_model`` sines, nothing
+    next to the layers the sum feeds.
+    """
+
+    def __init__(self, d_model: int, base: float = 10000.0):
+        super().__init__()
+        self.d_model = _check_positive_int("d_model", d_model)
+        self.base = float(_real("base", base, positive=True))
+
+    def encoding(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """``PE`` at integer ``positions`` (any shape), ``[*positions.shape, d_model]``."""
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        # MPS has no float64: form the angles on the CPU there (as rope_cos_sin does).
+        work = torch.device("cpu") if positions.device.type == "mps" else positions.device
+        exponent = torch.arange(0, self.d_model, 2, dtype=torch.float64, device=work)
+        inv_freq = self.base ** (-exponent / self.d_model)  # [ceil(d_model / 2)]
+        angles = positions.to(work, torch.float64)[..., None] * inv_freq
+        pe = torch.empty(*positions.shape, self.d_model, dtype=torch.float64, device=work)
+        pe[..., 0::2] = torch.sin(angles)
+        pe[..., 1::2] = torch.cos(angles[..., : self.d_model // 2])
+        return pe.to(positions.device, dtype)
+
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, S, d_model={self.d_model}], got shape "
+                             f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        batch, seqlen, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=x.device)
+        elif not isinstance(position_ids, torch.Tensor):
+            raise TypeError("position_ids must be a torch.Tensor or None, "
+                            f"got {type(position_ids).__name__}")
+        elif tuple(position_ids.shape) not in ((seqlen,), (batch, seqlen)):
+            raise ValueError(f"position_ids must be [S] = [{seqlen}] or [B, S] = "
+                             f"[{batch}, {seqlen}], got {list(position_ids.shape)}")
+        elif position_ids.device != x.device:
+            raise ValueError(f"position_ids is on {position_ids.device} but x is on {x.device}")
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return (x.to(compute) + self.encoding(position_ids, compute)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, base={self.base}"
