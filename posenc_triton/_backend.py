@@ -6,6 +6,7 @@ there CPU tensors run the pure-PyTorch reference.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -83,6 +84,22 @@ class _Interpreted:
                 self.kernel[grid](*args, **kwargs)
 
         return launch
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU, as flash-attn does: tensors on ``cuda:1`` work while the current
+    device is ``cuda:0`` (Triton launches on the current device)."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def call_op(op, eager, *args):
+    """``op(*args)`` while ``torch.compile`` traces, so the graph sees the ``torch.library`` op;
+    ``eager(*args)`` otherwise: the op's dispatch costs host time that decode shapes feel."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return eager(*args)
 
 
 def next_power_of_2(n: int) -> int:

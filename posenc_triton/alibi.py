@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from posenc_triton import _backend, alibi_ops  # noqa: F401  (registers the ops)
+from posenc_triton import _backend, alibi_ops
 from posenc_triton.reference import alibi_attention_reference, alibi_attention_varlen_reference
 
 MAX_HEAD_DIM = 256
@@ -269,7 +269,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          key_padding_mask=key_padding_mask)
     if varlen:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    out, _ = torch.ops.posenc_triton.alibi_attention_fwd(
-        q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
-    return out
+    args = (q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return alibi_ops.AlibiAttentionFunction.apply(*args)
+    return alibi_ops.alibi_forward(*args)[0]  # the thin path: no autograd node

@@ -1,9 +1,10 @@
 """ALiBi attention launchers, registered as ``torch.library`` ops with autograd.
 
-Reads top-down: autotune configs → launch helpers → the forward and backward launchers (the
-bodies of the ops ``posenc_triton::alibi_attention_fwd/bwd``: ``triton_op``s on GPU, opaque
-``custom_op``s under the interpreter, see :func:`posenc_triton._backend.library_op`) →
-autograd registration. Arguments arrive checked by :func:`posenc_triton.alibi.alibi_attention`.
+Layers, top-down, as in :mod:`posenc_triton.rope_ops`: autotune configs → launch helpers →
+the forward and backward launchers → the ops ``posenc_triton::alibi_attention_fwd/bwd`` (the
+same, visible to ``torch.compile``: ``triton_op``s on GPU, opaque ``custom_op``s under the
+interpreter, see :func:`posenc_triton._backend.library_op`) → ``AlibiAttentionFunction``
+(autograd). Arguments arrive checked by :func:`posenc_triton.alibi.alibi_attention`.
 Triton and the kernels are imported lazily, so the package imports where Triton is not
 installed.
 """
@@ -155,13 +156,8 @@ def _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes: torch.Tensor) -> tuple:
 # ------------------------------------------------------------------------------------------
 
 
-@_backend.library_op("posenc_triton::alibi_attention_fwd", mutates_args=())
-def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                            cu_seqlens_q: Optional[torch.Tensor],
-                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-                            max_seqlen_k: int, is_causal: bool, scale: float,
-                            layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                            max_seqlen_q, max_seqlen_k, is_causal, scale, layout, wrap=False):
     """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
     ``[B, Hq, Sq]`` (``[1, Hq, total_q]`` packed; natural log, ``+inf`` for rows that see no
     key).
@@ -169,7 +165,8 @@ def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``slopes`` is contiguous float32 ``[Hq]`` or ``[B, Hq]``, ``key_padding_mask`` bool
     ``[B, Sk]`` (any strides) or None. With ``cu_seqlens_q``/``cu_seqlens_k`` (int ``[B + 1]``)
     ``q``, ``k``, ``v`` are packed ``[total, H, D]`` and ``max_seqlen_*`` bound the lengths.
-    Arguments are already checked.
+    Arguments are already checked. ``wrap`` launches through :func:`_backend.launcher` (the
+    body of the ``torch.library`` op, seen by ``torch.compile``).
     """
     varlen = cu_seqlens_q is not None
     q, k, v = (_bhsd(t, layout, varlen) for t in (q, k, v))
@@ -184,25 +181,20 @@ def alibi_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen)
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
-        _backend.launcher(fwd)[grid](
-            q, k, v, out, lse, slopes, mask,
-            *_cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), scale,
-            *_strides(q, k, v, out, varlen=varlen), *_lse_strides(lse, varlen),
-            _slope_batch_stride(slopes), stride_mb, stride_mn,
-            num_heads // num_kv_heads, seqlen_q, seqlen_k,
-            _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
+        with _backend.device_guard(q):
+            _launch(fwd, wrap)[grid](
+                q, k, v, out, lse, slopes, mask,
+                *_cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), scale,
+                *_strides(q, k, v, out, varlen=varlen), *_lse_strides(lse, varlen),
+                _slope_batch_stride(slopes), stride_mb, stride_mn,
+                num_heads // num_kv_heads, seqlen_q, seqlen_k,
+                _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
     return _layout(out, layout, varlen), lse
 
 
-@_backend.library_op("posenc_triton::alibi_attention_bwd", mutates_args=())
-def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, slopes: torch.Tensor,
-                             key_padding_mask: Optional[torch.Tensor],
-                             cu_seqlens_q: Optional[torch.Tensor],
-                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-                             max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor,
-                             is_causal: bool, scale: float,
-                             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q,
+                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, is_causal, scale,
+                             layout, wrap=False):
     """``(dq, dk, dv)`` shaped like ``q, k, v``, each contiguous in ``layout``."""
     varlen = cu_seqlens_q is not None
     grad_out, q, k, v, out = (_bhsd(t, layout, varlen) for t in (grad_out, q, k, v, out))
@@ -214,51 +206,95 @@ def alibi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     dv = _empty_bhsd(v.shape, layout, v, varlen)
     _, preprocess, dkdv, dq_kernel = _kernels(_backend.interpreting())
     meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen)
-    launch = _backend.launcher
     mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
     cu_q, cu_k = _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes)
     delta = torch.empty_like(lse)
-    if dq.numel() > 0:
-        # rowsum(out * grad_out) needs no sequence bounds: packed rows are one long batch
-        block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
-        launch(preprocess)[(_backend.cdiv(seqlen_q, block_m), num_heads, q.shape[0])](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
-            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
-    if varlen:
-        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
-    common = (*_lse_strides(lse, varlen), _slope_batch_stride(slopes), stride_mb, stride_mn,
-              num_heads // num_kv_heads, seqlen_q, seqlen_k,
-              _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
-    if dq.numel() > 0 and seqlen_q > 0:
-        grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
-        launch(dq_kernel)[grid](
-            q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, scale,
-            *_strides(q, k, v, grad_out, dq, varlen=varlen), *common, **meta)
-    if dk.numel() > 0 and seqlen_k > 0:
-        grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
-        launch(dkdv)[grid](
-            q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, cu_q, cu_k, scale,
-            *_strides(q, k, v, grad_out, dk, dv, varlen=varlen), *common, **meta)
+    with _backend.device_guard(q):
+        if dq.numel() > 0:
+            # rowsum(out * grad_out) needs no sequence bounds: packed rows are one long batch
+            block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
+            _launch(preprocess, wrap)[(_backend.cdiv(seqlen_q, block_m), num_heads, q.shape[0])](
+                out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
+                HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
+        if varlen:
+            seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        common = (*_lse_strides(lse, varlen), _slope_batch_stride(slopes), stride_mb, stride_mn,
+                  num_heads // num_kv_heads, seqlen_q, seqlen_k,
+                  _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
+        if dq.numel() > 0 and seqlen_q > 0:
+            grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
+            _launch(dq_kernel, wrap)[grid](
+                q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, scale,
+                *_strides(q, k, v, grad_out, dq, varlen=varlen), *common, **meta)
+        if dk.numel() > 0 and seqlen_k > 0:
+            grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
+            _launch(dkdv, wrap)[grid](
+                q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, cu_q, cu_k, scale,
+                *_strides(q, k, v, grad_out, dk, dv, varlen=varlen), *common, **meta)
     return tuple(_layout(t, layout, varlen) for t in (dq, dk, dv))
 
 
-def _setup_context(ctx, inputs, output):
-    (q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-     is_causal, scale, layout) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, out,
-                          lse)
-    ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+def _launch(kernel, wrap: bool):
+    return _backend.launcher(kernel) if wrap else kernel
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, is_causal, scale, layout = ctx.args
-    dq, dk, dv = torch.ops.posenc_triton.alibi_attention_bwd(
-        grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, out, lse, is_causal, scale, layout)
-    return dq, dk, dv, *(None,) * 9
+@_backend.library_op("posenc_triton::alibi_attention_fwd", mutates_args=())
+def _alibi_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                            cu_seqlens_q: Optional[torch.Tensor],
+                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                            max_seqlen_k: int, is_causal: bool, scale: float,
+                            layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q,
+                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                                   layout, wrap=True)
 
 
-torch.library.register_autograd("posenc_triton::alibi_attention_fwd", _backward,
-                                setup_context=_setup_context)
+@_backend.library_op("posenc_triton::alibi_attention_bwd", mutates_args=())
+def _alibi_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, slopes: torch.Tensor,
+                            key_padding_mask: Optional[torch.Tensor],
+                            cu_seqlens_q: Optional[torch.Tensor],
+                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                            max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor,
+                            is_causal: bool, scale: float,
+                            layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q,
+                                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse,
+                                    is_causal, scale, layout, wrap=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------
+
+
+def alibi_forward(*args):
+    """``(out, lse)`` through the forward op (under ``torch.compile``) or its launcher."""
+    return _backend.call_op(torch.ops.posenc_triton.alibi_attention_fwd,
+                            alibi_attention_forward, *args)
+
+
+class AlibiAttentionFunction(torch.autograd.Function):
+    """ALiBi attention of checked arguments (:func:`alibi_forward`'s); backward recomputes the
+    probabilities from the saved log-sum-exp (FlashAttention-2) and returns ``dq, dk, dv``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k, is_causal, scale, layout):
+        out, lse = alibi_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+        ctx.save_for_backward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                              out, lse)
+        ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, slopes, key_padding_mask, cu_q, cu_k, out, lse = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, is_causal, scale, layout = ctx.args
+        dq, dk, dv = _backend.call_op(
+            torch.ops.posenc_triton.alibi_attention_bwd, alibi_attention_backward,
+            grad_out, q, k, v, slopes, key_padding_mask, cu_q, cu_k, max_seqlen_q,
+            max_seqlen_k, out, lse, is_causal, scale, layout)
+        return dq, dk, dv, *(None,) * 9
