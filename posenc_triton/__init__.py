@@ -1,8 +1,13 @@
 """posenc_triton: fused Triton kernels for rotary (RoPE) and ALiBi positional encodings."""
 
 from posenc_triton.alibi import alibi_attention, alibi_slopes
-from posenc_triton.nn import ALiBiAttention, RoPEAttention, SinusoidalPositionalEncoding
-from posenc_triton.rope import RotaryEmbedding, apply_rope, rope_cos_sin, rope_frequencies
+from posenc_triton.nn import (
+    ALiBiAttention,
+    RoPEAttention,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
+from posenc_triton.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 __version__ = "0.1.0"
 

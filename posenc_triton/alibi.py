@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from posenc_triton import _backend, alibi_ops
+from posenc_triton import _backend, _checks, alibi_ops
 from posenc_triton.reference import alibi_attention_reference, alibi_attention_varlen_reference
 
 MAX_HEAD_DIM = 256
@@ -30,8 +30,7 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     base, on the CPU), so checkpoints trained with them see exactly their slopes; they are
     within a few float32 ulps of the exact values of ``reference.alibi_slopes_list``.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    _checks.positive_int("num_heads", num_heads)
 
     closest = 2 ** math.floor(math.log2(num_heads))
     slopes = torch.pow(_bloom_base(closest), torch.arange(1, 1 + closest, dtype=torch.int32))
@@ -84,8 +83,7 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
     if q.dtype == torch.float64 and q.device.type != "cpu":
         raise TypeError("q, k, v: float64 runs only on CPU (the reference); "
                         "use float16, bfloat16 or float32")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    _checks.check_bool("is_causal", is_causal)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} "
                          f"and v {tuple(v.shape)}")
@@ -134,9 +132,7 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
                              f"but q is on {q.device}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
+    return _checks.finite_real("scale", scale)
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -163,8 +159,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens_q has "
                          f"{cu_seqlens_q.numel()}: both are [B + 1] for the same B sequences")
     for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
-                                  or bound < 0):
+        if bound is not None and (not _checks.is_int(bound) or bound < 0):
             raise TypeError(f"{name} must be a non-negative int or None, got {bound!r}")
 
 

@@ -20,45 +20,128 @@ embeddings (attention itself then carries no position), for comparisons with the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from posenc_triton import _backend, _checks, reference
 from posenc_triton.alibi import MAX_HEAD_DIM, alibi_attention, alibi_slopes
-from posenc_triton.reference import (
-    _check_positive_int,
-    _SelfAttention,
-    alibi_attention_reference,
-)
-from posenc_triton.rope import RotaryEmbedding
-from posenc_triton.rope_scaling import _real
+from posenc_triton.reference import _SelfAttention, alibi_attention_reference
+from posenc_triton.rope import LAYOUTS, apply_rope
+from posenc_triton.rope_scaling import _real, rope_cos_sin, rope_frequencies
 
-__all__ = ["ALiBiAttention", "RoPEAttention", "SinusoidalPositionalEncoding"]
+__all__ = ["ALiBiAttention", "RoPEAttention", "RotaryEmbedding", "SinusoidalPositionalEncoding"]
 
 # SDPA's ``enable_gqa`` appeared in torch 2.5; older versions repeat the k/v heads instead.
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_HAS_ENABLE_GQA = _TORCH_VERSION >= (2, 5)
 
 # Position tables: built in float64, stored in float32 (DESIGN.md), whatever the weights are.
-_FLOAT32_TABLES = ("inv_freq", "cos_cached", "sin_cached", "slopes")
+_FLOAT32_TABLES = ("inv_freq", "cos_sin_cached", "slopes")
 
 
 class _Float32Tables:
-    """Mixin: ``.to(dtype)``, ``.half()``, ``.bfloat16()`` move the position tables (RoPE's
-    cos/sin, ALiBi's slopes) with the module but keep them float32, like the kernels expect;
-    the weights are cast as usual."""
+    """Mixin: ``.to(dtype)``, ``.half()``, ``.double()`` move the position tables (RoPE's
+    frequencies and cos/sin, ALiBi's slopes) with the module but keep them float32, as the
+    kernels expect; the weights are cast as usual."""
 
     def _apply(self, fn, recurse=True):
         tables = [(module, name, buf) for module in self.modules()
                   for name, buf in module._buffers.items()
                   if name in _FLOAT32_TABLES and buf is not None and buf.dtype == torch.float32]
         super()._apply(fn, recurse)
-        for module, name, before in tables:
-            after = module._buffers[name]
-            if after is not None and after.dtype != torch.float32:
-                module._buffers[name] = before.to(after.device)
+        with torch.inference_mode(False):  # a cache moved under inference mode stays usable
+            for module, name, before in tables:
+                after = module._buffers[name]
+                if after is not None and after.dtype != torch.float32:
+                    module._buffers[name] = before.to(after.device)
         return self
+
+
+class RotaryEmbedding(_Float32Tables, torch.nn.Module):
+    """RoPE for attention heads: owns the frequencies and a cos/sin cache that grows on demand.
+
+    ``forward(q, k=None, position_ids=None, offset=0)`` returns ``(q_out, k_out)`` like
+    :func:`~posenc_triton.apply_rope` (``layout`` picks ``"bshd"`` or ``"bhsd"``). With
+    ``dynamic`` or ``longrope`` scaling the frequencies depend on the sequence length: they are
+    rebuilt for the longest sequence seen so far, as Hugging Face's dynamic update does when it
+    grows. Tensor positions are read on the host to size the cache (one sync); under
+    ``torch.compile`` and CUDA-graph capture they are not, and the cache built so far (at
+    least ``max_seq_len`` rows) must hold them: a position past it gives NaN rows.
+
+    The tables (``inv_freq``, ``cos_sin_cached [2, T, R/2]``: cos then sin) are float32
+    non-persistent buffers: they follow the module's device but stay float32 under
+    ``.half()``/``.bfloat16()``/``.double()`` (long positions keep their phase); they are
+    built as normal tensors even under ``torch.inference_mode()``, so a model served there can
+    be trained later; cos and sin live in one buffer, so a thread never sees one grown
+    without the other.
+    """
+
+    def __init__(self, head_dim: int, rotary_dim: Optional[int] = None, base: float = 10000.0,
+                 max_seq_len: int = 4096, scaling: Optional[dict] = None,
+                 interleaved: bool = False, layout: str = "bshd", device=None):
+        super().__init__()
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if not _checks.is_int(head_dim) or head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        if not _checks.is_int(rotary_dim) or rotary_dim > head_dim:
+            raise ValueError(f"rotary_dim must be an int <= head_dim={head_dim}, "
+                             f"got {rotary_dim!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.head_dim, self.rotary_dim, self.base = head_dim, rotary_dim, base
+        self.max_seq_len, self.scaling = max_seq_len, scaling
+        self.interleaved, self.layout = interleaved, layout
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        self._length_dependent = rope_type in ("dynamic", "longrope")
+        self._build(max_seq_len, device)
+
+    @property
+    def cos_cached(self) -> torch.Tensor:
+        return self.cos_sin_cached[0]
+
+    @property
+    def sin_cached(self) -> torch.Tensor:
+        return self.cos_sin_cached[1]
+
+    def _build(self, seq_len: int, device) -> None:
+        """Frequencies for sequences of ``seq_len`` tokens, cos/sin for a power of two >= it."""
+        with torch.inference_mode(False), torch.no_grad():
+            inv_freq, attention_scaling = rope_frequencies(
+                self.rotary_dim, self.base, self.scaling, device=device,
+                max_position_embeddings=self.max_seq_len, seq_len=seq_len)
+            cos_sin = torch.stack(rope_cos_sin(_backend.next_power_of_2(seq_len), inv_freq,
+                                               attention_scaling))
+        self._freq_seq_len = seq_len
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_sin_cached", cos_sin, persistent=False)
+
+    def forward(self, q, k=None, position_ids=None, offset: Union[int, torch.Tensor] = 0):
+        seqlen = q.shape[1] if self.layout == "bshd" else q.shape[2]
+        lowest = 0
+        if position_ids is None and not isinstance(offset, torch.Tensor):
+            needed = seqlen + offset
+        elif not _backend.host_read_allowed(q):
+            needed = 0  # no host read here: the cache must already hold the positions
+        else:  # one host sync for both bounds, as in Hugging Face's dynamic RoPE
+            pos = reference.rope_positions(q.shape[0], seqlen, position_ids, offset, q.device)
+            lowest, highest = torch.stack(torch.aminmax(pos)).tolist() if pos.numel() else (0, -1)
+            needed = highest + 1
+        if lowest < 0:
+            raise ValueError(f"positions (position_ids + offset) must be >= 0, got {lowest}")
+        cos_sin = self.cos_sin_cached
+        if needed > cos_sin.shape[1] or (self._length_dependent and needed > self._freq_seq_len):
+            self._build(needed, cos_sin.device)
+            cos_sin = self.cos_sin_cached
+        # The table now holds every position: apply_rope need not read them again.
+        return apply_rope(q, k, cos_sin[0], cos_sin[1], position_ids=position_ids,
+                          seqlen_offsets=offset, interleaved=self.interleaved,
+                          layout=self.layout, check_positions=False)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "
+                f"scaling={self.scaling}, interleaved={self.interleaved}, layout={self.layout!r}")
 
 
 class RoPEAttention(_Float32Tables, _SelfAttention):
@@ -205,7 +288,7 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
 
     def __init__(self, d_model: int, base: float = 10000.0):
         super().__init__()
-        self.d_model = _check_positive_int("d_model", d_model)
+        self.d_model = _checks.positive_int("d_model", d_model)
         self.base = float(_real("base", base, positive=True))
 
     def encoding(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):

@@ -11,6 +11,8 @@ from typing import Optional, Union
 
 import torch
 
+from posenc_triton import _checks
+
 # ----------------------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------------------
@@ -208,15 +210,38 @@ def alibi_attention_varlen_reference(
     return torch.cat(outs) if outs else q * 0
 
 
+def alibi_attention_kvcache_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    slopes: Optional[torch.Tensor] = None,
+    *,
+    is_causal: bool = True,
+    scale: Optional[float] = None,
+    layout: str = "bhsd",
+    upcast: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference for per-batch valid key lengths (``cache_seqlens [B]``, flash-attn's
+    ``flash_attn_with_kvcache``): batch ``b`` attends its first ``cache_seqlens[b]`` keys
+    alone, queries bottom-right aligned to them, by :func:`alibi_attention_reference`, with
+    ``slopes[b]`` when ``slopes`` is ``[B, Hq]`` and ``key_padding_mask[b]`` when given."""
+    seq = 2 if layout == "bhsd" else 1
+    outs = []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        mask = None if key_padding_mask is None else key_padding_mask[b:b + 1, :n]
+        outs.append(alibi_attention_reference(
+            q[b:b + 1], k[b:b + 1].narrow(seq, 0, n), v[b:b + 1].narrow(seq, 0, n),
+            slopes if slopes is None or slopes.dim() == 1 else slopes[b:b + 1],
+            is_causal=is_causal, scale=scale, layout=layout, upcast=upcast,
+            key_padding_mask=mask))
+    return torch.cat(outs) if outs else q * 0
+
+
 # ----------------------------------------------------------------------------------------
 # Attention modules: the textbook multi-head self-attention with each encoding
 # ----------------------------------------------------------------------------------------
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class _SelfAttention(torch.nn.Module):
@@ -231,19 +256,17 @@ class _SelfAttention(torch.nn.Module):
                  dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("num_heads", num_heads)
-        _check_positive_int("max_seq_len", max_seq_len)
+        _checks.positive_int("d_model", d_model)
+        _checks.positive_int("num_heads", num_heads)
+        _checks.positive_int("max_seq_len", max_seq_len)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_positive_int("num_kv_heads", num_kv_heads)
+        _checks.positive_int("num_kv_heads", num_kv_heads)
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of "
                              f"num_kv_heads={num_kv_heads} (GQA/MQA)")
-        if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
-                or not 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        _checks.probability("dropout", dropout)
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.max_seq_len, self.dropout = max_seq_len, float(dropout)
@@ -262,8 +285,7 @@ class _SelfAttention(torch.nn.Module):
                              f"{tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got {x.dtype}")
-        if not isinstance(is_causal, bool):
-            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        _checks.check_bool("is_causal", is_causal)
         if attention_mask is None:
             return
         if not isinstance(attention_mask, torch.Tensor):
@@ -282,8 +304,7 @@ class _SelfAttention(torch.nn.Module):
     def _rotary_dim(self, rotary_dim) -> int:
         """``rotary_dim`` checked (None: the whole head)."""
         rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
-        if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
-                or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2):
+        if not _checks.is_int(rotary_dim) or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2:
             raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
                              f"got {rotary_dim!r}")
         return rotary_dim

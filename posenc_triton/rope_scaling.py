@@ -23,11 +23,12 @@ transformers computes in float32, so results agree to a few float32 ulps (rtol 1
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+
+from posenc_triton import _checks
 
 __all__ = ["SUPPORTED_ROPE_TYPES", "rope_cos_sin", "rope_frequencies"]
 
@@ -36,7 +37,7 @@ _REQUIRED = object()
 
 def _real(name: str, value: Any, positive: bool = False) -> float:
     # bool is an int subclass; True as a base or factor is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _checks.is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value) or (positive and not value > 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
@@ -46,7 +47,7 @@ def _real(name: str, value: Any, positive: bool = False) -> float:
 def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
         value = int(value)  # transformers passes seq_len as max(position_ids) + 1, a 0-d tensor
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _checks.is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

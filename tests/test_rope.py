@@ -7,7 +7,7 @@ import posenc_triton
 from conftest import DEVICE, assert_close, poison, requires_cuda
 from posenc_triton import reference
 from posenc_triton import rope as rope_module
-from posenc_triton.rope import rope_forward
+from posenc_triton.rope_ops import rope_forward
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
