@@ -39,23 +39,18 @@ import os
 import platform
 import statistics
 import sys
-import sysconfig
 import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from posenc_triton.nn import ALiBiAttention, RoPEAttention, SinusoidalPositionalEncoding
-from posenc_triton.reference import _SelfAttention
-
 from . import common
+from .extrapolation_lm import ENCODINGS, ByteLM, rope_scaling, stdlib_split
 
 NAME = "extrapolation"
-ENCODINGS = ("nope", "sinusoidal", "learned", "rope", "alibi")
 # What is evaluated: (label, trained encoding, RoPE scaling rule or None).
 VARIANTS = (
     ("nope", "nope", None),
@@ -79,7 +74,7 @@ class Settings:
     heads: int = 4
     batch: int = 16
     steps: int = 300
-    lr: float = 2e-3
+    lr: float = 5e-3
     seeds: int = 2
     eval_tokens: int = 16384  # held-out bytes scored at every length
     dtype: str = "float32"  # bfloat16: autocast (the GPU's default)
@@ -88,7 +83,7 @@ class Settings:
 
 PRESETS = {
     "quick": {"train_len": 32, "d_model": 32, "layers": 1, "heads": 2, "batch": 8, "steps": 40,
-              "lr": 3e-3, "seeds": 1, "eval_tokens": 2048},
+              "lr": 1e-2, "seeds": 1, "eval_tokens": 2048},
     "default": {},
     "large": {"train_len": 512, "d_model": 384, "layers": 6, "heads": 6, "batch": 32,
               "steps": 3000, "lr": 1e-3, "seeds": 2, "eval_tokens": 262144,
@@ -97,125 +92,12 @@ PRESETS = {
 
 
 # ------------------------------------------------------------------------------------------
-# Data: the standard library's source, split by file name
-# ------------------------------------------------------------------------------------------
-
-
-def is_held_out(name: str) -> bool:
-    """Whether the file ``name`` (a base name) belongs to the held-out split."""
-    return zlib.crc32(name.encode()) % 10 == 0
-
-
-def stdlib_split(root: Optional[Path] = None):
-    """``(train, held_out, info)``: uint8 tensors of the concatenated bytes of the top-level
-    ``*.py`` files of ``root`` (default: this Python's standard library), sorted by name and
-    split with :func:`is_held_out`; ``info`` names the files and counts the bytes."""
-    root = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
-    files = sorted(root.glob("*.py"), key=lambda p: p.name)
-    parts = {True: [], False: []}
-    for path in files:
-        parts[is_held_out(path.name)].append(path)
-    if not parts[True] or not parts[False]:
-        raise ValueError(f"no standard-library source to split in {root} (found {len(files)} "
-                         "*.py files)")
-
-    def load(paths):
-        data = b"".join(p.read_bytes() for p in paths)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    train, held = load(parts[False]), load(parts[True])
-    info = {"root": str(root), "train_files": len(parts[False]), "train_bytes": train.numel(),
-            "held_out_files": [p.name for p in parts[True]], "held_out_bytes": held.numel(),
-            "crc32": f"{zlib.crc32(train.numpy().tobytes()):08x}/"
-                     f"{zlib.crc32(held.numpy().tobytes()):08x}"}
-    return train, held, info
-
-
-# ------------------------------------------------------------------------------------------
-# The model: a pre-norm decoder whose only difference is the position encoding
-# ------------------------------------------------------------------------------------------
-
-
-class _CausalAttention(_SelfAttention):
-    """Attention with no position information (NoPE, or positions added to the input)."""
-
-    def forward(self, x: torch.Tensor, attention_mask=None, is_causal: bool = True):
-        batch, seqlen, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self._project(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.d_model))
-
-
-class _Block(torch.nn.Module):
-    def __init__(self, attention: torch.nn.Module, d_model: int):
-        super().__init__()
-        self.norm1, self.norm2 = torch.nn.LayerNorm(d_model), torch.nn.LayerNorm(d_model)
-        self.attn = attention
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(d_model, 4 * d_model), torch.nn.GELU(),
-                                       torch.nn.Linear(4 * d_model, d_model))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x), is_causal=True)
-        return x + self.mlp(self.norm2(x))
-
-
-class ByteLM(torch.nn.Module):
-    """Byte-level causal LM: ``tokens [B, S]`` (int, < 256) → ``logits [B, S, 256]``.
-
-    ``encoding``: one of ``ENCODINGS``; ``scaling``: a RoPE scaling dict (``rope`` only).
-    """
-
-    def __init__(self, encoding: str, s: Settings, scaling: Optional[dict] = None):
-        super().__init__()
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-        self.encoding, self.train_len = encoding, s.train_len
-        self.embed = torch.nn.Embedding(256, s.d_model)
-        self.positions = None
-        if encoding == "sinusoidal":
-            self.positions = SinusoidalPositionalEncoding(s.d_model)
-        elif encoding == "learned":
-            self.table = torch.nn.Embedding(s.train_len, s.d_model)
-
-        def attention():
-            if encoding == "rope":
-                return RoPEAttention(s.d_model, s.heads, s.train_len, scaling=scaling)
-            if encoding == "alibi":
-                return ALiBiAttention(s.d_model, s.heads, s.train_len)
-            return _CausalAttention(s.d_model, s.heads, s.train_len)
-
-        self.blocks = torch.nn.ModuleList(_Block(attention(), s.d_model)
-                                          for _ in range(s.layers))
-        self.norm = torch.nn.LayerNorm(s.d_model)
-        self.head = torch.nn.Linear(s.d_model, 256, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        if self.encoding == "sinusoidal":
-            x = self.positions(x)
-        elif self.encoding == "learned":  # positions past the table reuse its last row
-            pos = torch.arange(tokens.shape[1], device=tokens.device).clamp(max=self.train_len - 1)
-            x = x + self.table(pos)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-
-def rope_scaling(rule: Optional[str], factor: float, train_len: int) -> Optional[dict]:
-    """The Hugging Face scaling dict of ``rule`` for evaluating at ``factor x train_len``."""
-    if rule is None:
-        return None
-    if rule == "ntk":
-        return {"rope_type": "dynamic", "factor": 1.0}
-    scaling = {"rope_type": rule, "factor": float(factor)}
-    if rule == "yarn":
-        scaling["original_max_position_embeddings"] = train_len
-    return scaling
-
-
-# ------------------------------------------------------------------------------------------
 # Training and evaluation
 # ------------------------------------------------------------------------------------------
+
+
+def _model(encoding: str, s: Settings, scaling: Optional[dict] = None) -> ByteLM:
+    return ByteLM(encoding, s.train_len, s.d_model, s.layers, s.heads, scaling)
 
 
 def _autocast(device: torch.device, s: Settings):
@@ -227,7 +109,7 @@ def train(encoding: str, s: Settings, seed: int, data: torch.Tensor, device: tor
     ``data``; the seed fixes the initialisation and the windows (the same for every
     encoding)."""
     torch.manual_seed(seed)
-    model = ByteLM(encoding, s).to(device)
+    model = _model(encoding, s).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95),
                                   weight_decay=0.1)
     warmup = max(1, s.steps // 20)  # then cosine decay to a tenth
@@ -285,7 +167,7 @@ def evaluated_model(trained: ByteLM, rule: Optional[str], factor: float, s: Sett
     cos/sin tables are buffers outside the state dict: the weights load unchanged)."""
     if rule is None:
         return trained
-    model = ByteLM("rope", s, scaling=rope_scaling(rule, factor, s.train_len)).to(device)
+    model = _model("rope", s, rope_scaling(rule, factor, s.train_len)).to(device)
     model.load_state_dict(trained.state_dict())
     return model
 

@@ -12,6 +12,7 @@ import torch
 
 from posenc_triton import SinusoidalPositionalEncoding
 from posenc_triton.bench import bench_extrapolation as study
+from posenc_triton.bench import extrapolation_lm as lm
 from posenc_triton.bench import run as bench_run
 
 
@@ -85,23 +86,23 @@ def test_split_is_by_file_name_and_deterministic(tmp_path):
     for i, name in enumerate(reversed(names)):  # creation order must not matter
         (tmp_path / name).write_bytes(f"# file {name} {i}\n".encode())
     (tmp_path / "notes.txt").write_bytes(b"not python")
-    train, held, info = study.stdlib_split(tmp_path)
-    held_names = sorted(n for n in names if study.is_held_out(n))
+    train, held, info = lm.stdlib_split(tmp_path)
+    held_names = sorted(n for n in names if lm.is_held_out(n))
     assert 0 < len(held_names) < len(names) and info["held_out_files"] == held_names
     expected = b"".join((tmp_path / n).read_bytes() for n in held_names)
     assert bytes(held.tolist()) == expected
     expected = b"".join((tmp_path / n).read_bytes() for n in sorted(names) if n not in held_names)
     assert bytes(train.tolist()) == expected
     with pytest.raises(ValueError, match="no standard-library source"):
-        study.stdlib_split(tmp_path / "empty")
+        lm.stdlib_split(tmp_path / "empty")
 
 
 def test_stdlib_split_is_fixed():
-    first, second = study.stdlib_split(), study.stdlib_split()
+    first, second = lm.stdlib_split(), lm.stdlib_split()
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert first[2] == second[2]
     info = first[2]
-    assert all(study.is_held_out(n) for n in info["held_out_files"])
+    assert all(lm.is_held_out(n) for n in info["held_out_files"])
     assert info["train_files"] > 5 * len(info["held_out_files"]) > 0
     assert info["held_out_bytes"] > study.PRESETS["large"]["eval_tokens"]
 
@@ -140,3 +141,34 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert all(f"| {label} |" in table for label, _, _ in study.VARIANTS)
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "extrapolation.png").stat().st_size > 0
+
+
+def test_models_and_rope_scaling(monkeypatch):
+    """Every model runs past its training length; a scaled RoPE copy keeps the weights (1x
+    at the training length is the trained model, 4x moves the logits); scaling is RoPE's alone."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the layers' PyTorch path, as in the study
+    s, _ = study.parse_settings(["--quick"])
+    tokens = torch.randint(0, 256, (2, 3 * s.train_len))
+    for enc in lm.ENCODINGS:
+        torch.manual_seed(0)
+        model = study._model(enc, s)
+        logits = model(tokens)
+        assert logits.shape == (2, 3 * s.train_len, 256) and torch.isfinite(logits).all(), enc
+    layers = {type(b.attn).__name__ for b in model.blocks}
+    assert layers == {"ALiBiAttention"}
+    rope = study._model("rope", s)
+    assert {type(b.attn).__name__ for b in rope.blocks} == {"RoPEAttention"}
+    with torch.no_grad():
+        base = rope(tokens)
+        for rule in ("linear", "ntk", "dynamic", "yarn"):
+            # At 1x (the training length: ntk and dynamic scale by the length seen).
+            same = study.evaluated_model(rope, rule, 1, s, torch.device("cpu"))
+            short = tokens[:, : s.train_len]
+            torch.testing.assert_close(same(short), rope(short), rtol=1e-6, atol=1e-6)
+            scaled = study.evaluated_model(rope, rule, 4, s, torch.device("cpu"))
+            assert scaled.blocks[0].attn.rotary.scaling == lm.rope_scaling(rule, 4, s.train_len)
+            assert not torch.allclose(scaled(tokens)[:, 1:], base[:, 1:], atol=1e-4), rule
+    with pytest.raises(ValueError, match="scaling applies"):
+        lm.ByteLM("alibi", 32, 32, 1, 2, scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        lm.ByteLM("t5", 32, 32, 1, 2)
