@@ -234,7 +234,8 @@ def measure(row: dict, run, case: Case, mode: str, expected) -> None:
     row["peak_gib"] = common.peak_gib(run)
 
 
-def run_case(report: common.Report, case: Case, posenc_triton, reference) -> None:
+def run_case(report: common.Report, case: Case, posenc_triton, reference, modes=None) -> None:
+    """Every implementation of ``case`` in ``modes`` (default: the case's own) into ``report``."""
     torch._dynamo.reset()  # one compiled graph per shape, never past the recompile limit
     dev = common.DEVICE
     q, grad_out = (torch.randn(case.batch, case.hq, case.sq, case.dim, device=dev, dtype=DTYPE)
@@ -259,7 +260,7 @@ def run_case(report: common.Report, case: Case, posenc_triton, reference) -> Non
             return reference.alibi_attention_reference(a, b, c, slopes, is_causal=case.causal)
         return impls["ours"](a, b, c)
 
-    for mode in case.modes:
+    for mode in modes or case.modes:
         expected = "memory check: finite" if case.memory_check else None
         if expected is None:
             expected, note = common.attempt(runner(base, mode, q, k, v, grad_out))
@@ -288,13 +289,18 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
     for case in common.progress(cases(quick, dry), "alibi"):
         run_case(report, case, posenc_triton, reference)
         report.save_rows(out_dir)
+    tables(report)
+    report.write(out_dir)
+    return report
+
+
+def tables(report: common.Report) -> None:
+    """The time, throughput and peak-memory tables of ``report``'s rows."""
     report.table("Time (ms, median)", "ms", "{:.3f}")
     report.table("Throughput (TFLOP/s)", "tflops", "{:.0f}",
                  [("ours/flex (speed)", lambda r: common.ratio(r, "flex", "ours")),
                   ("ours/ceiling", lambda r: common.ratio(r, "sdpa (no bias)", "ours"))])
     report.table("Peak memory (GiB, one call, inputs included)", "peak_gib", "{:.2f}")
-    report.write(out_dir)
-    return report
 
 
 if __name__ == "__main__":

@@ -206,12 +206,14 @@ def measure(row: dict, impl, case: Case, mode: str, x: Inputs, ref: dict) -> Non
         row["host_us"] = common.host_us(run)
 
 
-def run_case(report: common.Report, case: Case, found: dict, posenc_triton, reference) -> None:
+def run_case(report: common.Report, case: Case, found: dict, posenc_triton, reference,
+             modes=None) -> None:
+    """Every implementation of ``case`` in ``modes`` (default: the case's own) into ``report``."""
     torch._dynamo.reset()  # one compiled graph per shape, never past the recompile limit
     x = make_inputs(case, posenc_triton)
     ref = expected(x, reference)
     impls = implementations(case, x, posenc_triton, found)
-    for mode, name in itertools.product(case.modes, IMPLS):
+    for mode, name in itertools.product(modes or case.modes, IMPLS):
         row = report.add(case=case.name, mode=mode, impl=name)
         if impls[name] is None:
             row["note"] = "n/a"
@@ -236,20 +238,26 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
     for case in common.progress(cases(quick, dry), "rope"):
         run_case(report, case, found, posenc_triton, reference)
         report.save_rows(out_dir)
-    decode = {c.name for c in cases(quick, dry) if c.kind == "decode"}
+    tables(report, copy, {c.name for c in cases(quick, dry) if c.kind == "decode"})
+    report.write(out_dir)
+    return report
+
+
+def tables(report: common.Report, copy: float, decode=()) -> None:
+    """The time, bandwidth (against ``copy`` GB/s) and, for the ``decode`` cases, host-time
+    tables of ``report``'s rows."""
     report.table("Time (ms, median)", "ms", "{:.4f}",
                  [("ours/compile", lambda r: common.ratio(r, "ours", "compile"))])
     report.table("Bandwidth (GB/s, q and k read + written)", "gbps", "{:.0f}",
                  [("copy", lambda r: f"{copy:.0f}"),
                   ("ours/copy", lambda r: f"{r['ours']['gbps'] / copy:.2f}"
                    if r["ours"].get("gbps") else "-")])
-    report.table("Decode host time (µs per call, no sync between calls)", "host_us", "{:.1f}",
-                 [("ours/fastest peer", lambda r: _vs_fastest_peer(r, "ours")),
-                  ("unchecked/fastest peer",
-                   lambda r: _vs_fastest_peer(r, "ours (unchecked)"))],
-                 where=lambda case, mode: case in decode)
-    report.write(out_dir)
-    return report
+    if decode:
+        report.table("Decode host time (µs per call, no sync between calls)", "host_us",
+                     "{:.1f}", [("ours/fastest peer", lambda r: _vs_fastest_peer(r, "ours")),
+                                ("unchecked/fastest peer",
+                                 lambda r: _vs_fastest_peer(r, "ours (unchecked)"))],
+                     where=lambda case, mode: case in decode)
 
 
 def _vs_fastest_peer(by_impl: dict, name: str) -> str:

@@ -40,6 +40,11 @@ def parse_args(doc: str, runner: bool = False) -> argparse.Namespace:
     if runner:
         parser.add_argument("--e2e", action="store_true",
                             help="also run the end-to-end training-step benchmark (bench_e2e)")
+        parser.add_argument("--device-check", action="store_true",
+                            help="instead: headline timings, then a CUDA correctness subset, "
+                                 "within --budget (device_check.md and .json)")
+        parser.add_argument("--budget", type=float, default=480.0,
+                            help="seconds --device-check may take (default 480)")
     args = parser.parse_args()
     if args.cpu_dry_run:
         use_interpreter()
