@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -84,6 +85,17 @@ class _Interpreted:
                 self.kernel[grid](*args, **kwargs)
 
         return launch
+
+
+_WARNED: set = set()
+
+
+def warn_once(message: str) -> None:
+    """A ``UserWarning`` the first time ``message`` comes up in this process: a slow path
+    should be visible, not repeated at every layer of every step."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def device_guard(t: torch.Tensor):

@@ -14,7 +14,12 @@ from typing import Optional
 import torch
 
 from posenc_triton import _backend, _checks, alibi_ops
-from posenc_triton.reference import alibi_attention_reference, alibi_attention_varlen_reference
+from posenc_triton.alibi_decode import alibi_kvcache_forward
+from posenc_triton.reference import (
+    alibi_attention_kvcache_reference,
+    alibi_attention_reference,
+    alibi_attention_varlen_reference,
+)
 
 MAX_HEAD_DIM = 256
 MAX_SEQLEN = 1 << 24  # positions are fp32 in the kernels: exact up to 2^24
@@ -48,7 +53,8 @@ def _bloom_base(n: int) -> torch.Tensor:
 
 @functools.cache
 def _cached_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
-    return alibi_slopes(num_heads, device)
+    with torch.inference_mode(False):  # filled under inference mode, still fine to train with
+        return alibi_slopes(num_heads, device)
 
 
 def _default_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
@@ -80,9 +86,6 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: "
                              "q, k and v must be on one device")
-    if q.dtype == torch.float64 and q.device.type != "cpu":
-        raise TypeError("q, k, v: float64 runs only on CPU (the reference); "
-                        "use float16, bfloat16 or float32")
     _checks.check_bool("is_causal", is_causal)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} "
@@ -203,6 +206,39 @@ def _cu_seqlens_stats(cu: torch.Tensor) -> torch.Tensor:
     return torch.stack([cu[0], cu[-1], steps.min(), steps.max()])
 
 
+def _check_cache_seqlens(q, k, v, cache_seqlens, layout) -> None:
+    """Validate ``cache_seqlens`` (dense input): int32/int64 ``[B]`` on q's device, values in
+    ``0..Sk`` (one sync, skipped where a sync is not allowed), and no gradient asked for."""
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, "
+                        f"got {type(cache_seqlens).__name__}")
+    batch, seqlen_k = q.shape[0], k.shape[2 if layout == "bhsd" else 1]
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (
+            batch,):
+        raise ValueError(f"cache_seqlens must be a 1-D int32/int64 tensor [B] = [{batch}] of "
+                         f"valid key lengths, got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("cache_seqlens is for inference (forward only, like flash-attn's "
+                         "flash_attn_with_kvcache) but q, k or v requires grad: run under "
+                         "torch.no_grad(), or train with key_padding_mask or cu_seqlens")
+    if batch and _backend.host_read_allowed(q):
+        shortest, longest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
+        if shortest < 0 or longest > seqlen_k:
+            raise ValueError(f"cache_seqlens must lie in 0..{seqlen_k} (Sk, the cache's length), "
+                             f"got values from {shortest} to {longest}")
+
+
+def _reference_reason(q: torch.Tensor) -> str:
+    why = ("float64 inputs run the PyTorch reference (use fp16, bf16 or fp32 for the kernel)"
+           if q.dtype == torch.float64 else
+           f"{q.device.type} tensors run the PyTorch reference (the Triton kernels need CUDA, "
+           "or TRITON_INTERPRET=1 set before import for Triton's interpreter)")
+    return f"alibi_attention: {why}; it materialises the Sq x Sk scores"
+
+
 # ------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------
@@ -215,7 +251,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens_q: Optional[torch.Tensor] = None,
                     cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None,
-                    max_seqlen_k: Optional[int] = None) -> torch.Tensor:
+                    max_seqlen_k: Optional[int] = None,
+                    cache_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Sq, D]``, ``k, v [B, Hk, Sk, D]`` (``layout="bhsd"``) or ``[B, S, H, D]``
@@ -225,7 +262,23 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     outputs 0. ``scale`` defaults to ``1/sqrt(D)``. ``key_padding_mask`` bool ``[B, Sk]``
     (True = keep, like flash-attn's ``attention_mask``; any strides) hides padded keys from
     every query: a row left with no key outputs 0, and padded keys get ``dk = dv = 0``.
-    Returns ``out`` shaped like ``q`` in ``layout``.
+    The mask leaves the queries aligned to the padded length ``Sk``: with a right-padded KV
+    cache and more than one query row, a causal query would then see keys of its future;
+    caches filled to a different length per sequence pass ``cache_seqlens`` instead.
+    Returns ``out`` shaped like ``q`` in ``layout``. fp16, bf16 and fp32 run the kernels;
+    float64 runs the PyTorch reference on any device (for checking; it materialises the scores).
+
+    KV cache (flash-attn's ``flash_attn_with_kvcache`` convention, the new keys already
+    written): ``cache_seqlens`` int32/int64 ``[B]``, ``0 <= cache_seqlens[b] <= Sk``, the
+    valid keys of sequence ``b`` (those of the current queries included): keys from
+    ``cache_seqlens[b]`` on are invisible and query ``i`` sits at key position
+    ``i + cache_seqlens[b] - Sq``. Composes with ``key_padding_mask`` and ``[B, Hq]`` slopes,
+    not with packed input. Forward only (as flash-attn's): q, k, v must not require grad.
+    The value check is a device sync, skipped under ``torch.compile`` and capture.
+
+    Few query rows against many keys (decoding, chunked prefill) run a split-KV kernel,
+    chosen by shape (:func:`posenc_triton.alibi_decode.use_split`), with the same results;
+    ``cache_seqlens`` always runs it.
 
     Packed variable-length input (flash-attn's ``flash_attn_varlen_func`` convention):
     ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]`` and int32/int64 ``cu_seqlens_q``,
@@ -237,6 +290,9 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     does not apply. Returns ``out [total_q, Hq, D]``.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen and cache_seqlens is not None:
+        raise ValueError("cache_seqlens does not apply to packed input (cu_seqlens): packed "
+                         "sequences carry their key lengths in cu_seqlens_k")
     if varlen:
         _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       key_padding_mask)
@@ -252,16 +308,26 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              "pass them with cu_seqlens_q and cu_seqlens_k")
         scale = _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
         max_seqlen_q = max_seqlen_k = 0
+        if cache_seqlens is not None:
+            _check_cache_seqlens(q, k, v, cache_seqlens, layout)
     if slopes is None:
         slopes = _default_slopes(q.shape[-2 if varlen else 1 if layout == "bhsd" else 2],
                                  q.device)
     if not _backend.use_triton(q) or q.dtype == torch.float64:
+        _backend.warn_once(_reference_reason(q))
+        if cache_seqlens is not None:
+            return alibi_attention_kvcache_reference(
+                q, k, v, cache_seqlens, slopes, is_causal=is_causal, scale=scale, layout=layout,
+                key_padding_mask=key_padding_mask)
         if varlen:
             return alibi_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, slopes,
                                                     is_causal=is_causal, scale=scale)
         return alibi_attention_reference(q, k, v, slopes, is_causal=is_causal, scale=scale,
                                          layout=layout, upcast=True,
                                          key_padding_mask=key_padding_mask)
+    if cache_seqlens is not None:
+        return alibi_kvcache_forward(q, k, v, slopes.contiguous(), key_padding_mask,
+                                     cache_seqlens.contiguous(), is_causal, scale, layout)[0]
     if varlen:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     args = (q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q, cu_seqlens_k,
