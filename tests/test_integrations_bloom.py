@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 from posenc_triton import alibi_attention, alibi_slopes  # noqa: E402
-from posenc_triton.integrations import _bloom  # noqa: E402
+from posenc_triton.integrations import _alibi_models  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
 
 SEQLEN = 12
@@ -27,7 +27,7 @@ SEQLEN = 12
 @pytest.fixture
 def count_calls(monkeypatch):
     """Count the calls of alibi_attention made by the BLOOM integration."""
-    return count_calls_of(monkeypatch, _bloom, "alibi_attention")
+    return count_calls_of(monkeypatch, _alibi_models, "alibi_attention")
 
 
 def make_model(heads=4, dtype=torch.float32, device=DEVICE, seed=0, **kw):
@@ -76,7 +76,7 @@ def test_bloom_slopes_are_alibi_slopes(heads):
     # BLOOM's fp32 pow of a rounded base drifts from the correctly rounded slopes by a few
     # ulps (up to 11 for 128 heads): the integration uses BLOOM's own.
     torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=0)
-    assert torch.equal(_bloom._slopes(heads, torch.device("cpu")), theirs)
+    assert torch.equal(_alibi_models.model_slopes("bloom", heads, torch.device("cpu")), theirs)
 
 
 def bloom_attention_math(q, k, v, mask2d, heads):
@@ -206,7 +206,7 @@ def test_patch_is_per_instance_idempotent_and_unpatches(count_calls):
     assert hf.unpatch_bloom(model) == 2
     assert hf.unpatch_bloom(model) == 0
     assert type(attn) is modeling_bloom.BloomAttention
-    assert not hasattr(attn, _bloom._FLAG)
+    assert not hasattr(attn, _alibi_models._FLAG)
     model(**inputs)
     assert len(count_calls) == 2
 
@@ -294,3 +294,61 @@ def test_cuda_bigger_model_bf16(padding, count_calls):
     for name in grads:
         g, pg = grads[name].float(), p_grads[name].float()
         assert (pg - g).norm() <= 5e-2 * g.norm() + 1e-6, name
+
+
+# ---- inference mode, caches (issue 8) ----------------------------------------------------
+
+
+def test_inference_mode_then_training(count_calls):
+    # Served under inference_mode (the mask check reads no version counter; inference tensors
+    # have none), then fine-tuned in the same process: nothing cached while serving (slopes,
+    # verdicts) may hand an inference tensor to the backward.
+    _alibi_models._SLOPES.clear()
+    model = make_model(6)
+    inputs, keep = batch_inputs(padding="left")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    logits, loss, grads = model_step(model, inputs)
+    hf.patch_bloom(model)
+    with torch.inference_mode():
+        got = model(**inputs).logits
+    assert len(count_calls) == 2
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert not any(t.is_inference() for t in _alibi_models._SLOPES.values())
+    p_logits, p_loss, p_grads = model_step(model, inputs)
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(p_grads[name], grads[name], rtol=1e-5, atol=1e-5)
+
+
+def test_check_masks_false_under_inference_mode_then_training(count_calls):
+    # Without the mask check the slopes cache is the only state: filled under inference
+    # mode, it must still serve a training step.
+    _alibi_models._SLOPES.clear()
+    model = make_model(4)
+    inputs, _ = batch_inputs(padding="right")
+    hf.patch_bloom(model, check_masks=False)
+    with torch.inference_mode():
+        model(**inputs)
+    _, loss, _ = model_step(model, inputs)
+    assert torch.isfinite(loss) and len(count_calls) == 4
+
+
+def test_verdicts_do_not_outlive_the_forward():
+    # The per-forward verdict is keyed weakly by the alibi tensor of that forward, per thread:
+    # no module-level slot keeps a mask (or anything of the user's) alive afterwards.
+    import gc
+    import threading
+
+    model = make_model(4).eval()
+    inputs, _ = batch_inputs(padding="right")
+    hf.patch_bloom(model)
+    with torch.no_grad():
+        model(**inputs)
+    gc.collect()
+    assert len(_alibi_models._verdicts()) == 0
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(_alibi_models._verdicts()))
+    thread.start()
+    thread.join()
+    assert seen[0] is not _alibi_models._verdicts()  # one table per thread

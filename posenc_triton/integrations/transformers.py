@@ -1,59 +1,182 @@
-"""Hugging Face transformers integration: the fused RoPE kernel as ``apply_rotary_pos_emb``.
-
-Llama, Mistral, Qwen2 and most other rotary models in transformers rotate q and k with a
-module-level function ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` that the
-attention ``forward`` looks up in its module's globals at call time. This module provides
-
-* :func:`fused_apply_rotary_pos_emb`, a drop-in for that function running
-  :func:`posenc_triton.apply_rope` (one launch for q and k, math in fp32);
-* :func:`patch_rope` / :func:`unpatch_rope`, which swap it into (and out of) the modeling
-  modules of a model instance, of named modules, or of Llama, Mistral and Qwen2 by default;
-* :func:`apply_to_llama`, ``patch_rope(model)`` returning the model.
+"""Hugging Face transformers: every RoPE and ALiBi attention of a model through the kernels.
 
 Usage::
 
-    from posenc_triton.integrations.transformers import patch_rope
-    model = AutoModelForCausalLM.from_pretrained(...)
-    patch_rope(model)            # every forward of this model class now uses the kernel
+    from posenc_triton.integrations.transformers import apply, patched_layers, unpatch
+    model = apply(AutoModelForCausalLM.from_pretrained(...))
+    patched_layers(model)   # {"model.layers.0.self_attn": ["rope/rotate_half"], ...}
+    unpatch(model)          # transformers' own code again, exactly
 
-Patching replaces the module attribute, so it affects every model of the patched classes
-in the process, not one instance; :func:`unpatch_rope` restores the originals.
+:func:`apply` dispatches on ``model.config.model_type`` through :data:`ARCHITECTURES`, a table
+from model type to *patch kinds*:
 
-transformers is an optional extra (``pip install 'posenc-triton[hf]'``); it is imported only
-when a patch function is called, and :func:`fused_apply_rotary_pos_emb` does not need it.
+* ``rope/<kind>``: the model's RoPE function (a module global its attention calls) is
+  replaced by a fused drop-in of :mod:`._rope_dropins`, after a probe proves the two compute
+  the same (:mod:`._rope_patch`). Module-wide: every model of those classes in the process,
+  until :func:`unpatch`.
+* ``alibi/<model>``: the model's ALiBi layers get a fused subclass running
+  :func:`posenc_triton.alibi_attention` (:mod:`._alibi_models`). Per instance.
+
+After :func:`apply`, every layer :func:`patched_layers` lists runs the kernel (the tests count
+the launches per layer); a model type outside the table is refused with a ValueError listing
+the supported ones. The older entry points (:func:`patch_rope`, :func:`apply_to_llama`,
+:func:`patch_bloom`, :func:`apply_to_bloom`, ...) keep working.
+
+transformers is an optional extra (``pip install 'posenc-triton[hf]'``), imported only when a
+patch function runs (:mod:`._hf`).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import sys
 import types
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Union
 
 import torch
 
-from posenc_triton.integrations._bloom import (
-    apply_to_bloom,
-    patch_bloom,
-    patched_bloom_attentions,
-    unpatch_bloom,
-)
-from posenc_triton.rope import apply_rope
+from posenc_triton.integrations import _alibi_models, _rope_patch
+from posenc_triton.integrations._hf import modeling, require_transformers
+from posenc_triton.integrations._rope_dropins import fused_apply_rotary_pos_emb
+from posenc_triton.integrations._rope_patch import KINDS
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_MODULES",
+    "apply",
     "apply_to_bloom",
     "apply_to_llama",
     "fused_apply_rotary_pos_emb",
     "patch_bloom",
     "patch_rope",
     "patched_bloom_attentions",
+    "patched_layers",
     "patched_modules",
+    "supported_model_types",
+    "unpatch",
     "unpatch_bloom",
     "unpatch_rope",
 ]
+
+
+def _deepseek(config) -> tuple[str, ...]:
+    # The attention calls apply_rotary_pos_emb_interleave or apply_rotary_pos_emb by config.
+    return ("rope/deinterleave",) if getattr(config, "rope_interleave", True) \
+        else ("rope/rotate_half",)
+
+
+def _falcon(config) -> tuple[str, ...]:
+    return ("alibi/falcon",) if getattr(config, "alibi", False) else ("rope/rotate_half",)
+
+
+_HALF, _HALF32 = ("rope/rotate_half",), ("rope/rotate_half_fp32",)
+#: ``model_type`` -> its patch kinds (or a function of the config giving them). Each entry is
+#: exercised by tests/test_integrations_models.py on a tiny random model.
+ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
+    # rotate-half, full width
+    "llama": _HALF, "mistral": _HALF, "mixtral": _HALF, "qwen2": _HALF, "qwen3": _HALF,
+    "qwen3_moe": _HALF, "gemma": _HALF, "gemma2": _HALF, "granite": _HALF,
+    "starcoder2": _HALF,
+    # rotate-half, partial width (inside the function or sliced by the attention)
+    "phi": _HALF, "phi3": _HALF, "gpt_neox": _HALF, "stablelm": _HALF, "persimmon": _HALF,
+    "nemotron": _HALF,
+    # rotate-half in fp32, cast back
+    "olmo": _HALF32, "olmo2": _HALF32,
+    # interleaved pairs
+    "glm": ("rope/interleaved",), "glm4": ("rope/interleaved",),
+    "helium": ("rope/interleaved",), "ernie4_5": ("rope/interleaved_fp32",),
+    "cohere": ("rope/cohere",),
+    "gptj": ("rope/gptj",), "codegen": ("rope/gptj",),
+    # de-interleave, then rotate the rope sub-dimension (MLA)
+    "deepseek_v3": _deepseek,
+    # one tensor per call
+    "gemma3n_text": ("rope/single",),
+    # ALiBi (Falcon: RoPE unless config.alibi)
+    "bloom": ("alibi/bloom",), "mpt": ("alibi/mpt",), "falcon": _falcon,
+}
+
+
+def supported_model_types() -> list[str]:
+    """The ``model_type`` values :func:`apply` accepts, sorted."""
+    return sorted(ARCHITECTURES)
+
+
+def _kinds(model) -> tuple[str, tuple[str, ...]]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None:
+        raise ValueError(
+            f"posenc_triton cannot patch {type(model).__name__} (model_type={model_type!r}); "
+            f"supported model types: {', '.join(supported_model_types())}")
+    return model_type, (entry(config) if callable(entry) else entry)
+
+
+def apply(model: torch.nn.Module, *, check_masks: bool = True) -> torch.nn.Module:
+    """Route every RoPE / ALiBi attention layer of ``model`` through the fused kernels.
+
+    Args:
+        model: a transformers model whose ``config.model_type`` is in :data:`ARCHITECTURES`.
+        check_masks: ALiBi models only: verify once per forward (one device-to-host read)
+            that the mask and bias are what the kernel reproduces, else run transformers'
+            forward; ``False`` trusts them (for ``torch.compile`` / CUDA graphs).
+
+    Returns:
+        ``model`` (patched in place; patching twice is a no-op).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+        ValueError: an unsupported model type (the message lists the supported ones), no
+            layer calling the function the table names, or a function / layer that computes
+            something other than what the drop-in does (nothing is patched then).
+        ImportError: transformers is not installed.
+    """
+    require_transformers()
+    model_type, kinds = _kinds(model)
+    rope = [KINDS[k.split("/", 1)[1]] for k in kinds if k.startswith("rope/")]
+    if rope:
+        sites = _rope_patch.rope_sites(model, rope)
+        if not sites:
+            names = ", ".join(sorted({k.function for k in rope}))
+            raise ValueError(f"cannot patch {model_type} model {type(model).__name__}: no layer "
+                             f"calls {names}")
+        targets = list({(mod.__name__, kind.name): (mod, kind)
+                        for _, mod, kind in sites}.values())
+        try:
+            _rope_patch.install(targets)
+        except ValueError as e:
+            raise ValueError(f"cannot patch {model_type} model {type(model).__name__}: {e}") \
+                from None
+    for kind in kinds:
+        if kind.startswith("alibi/"):
+            _alibi_models.patch_alibi(model, kind.split("/", 1)[1], check_masks=check_masks)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`apply`: the RoPE functions of the modules ``model``'s layers use get their
+    originals back (module-wide) and its ALiBi layers their classes. Returns ``model``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sites = _rope_patch.rope_sites(model, KINDS.values())
+    _rope_patch.restore({mod.__name__ for _, mod, _ in sites})
+    _alibi_models.unpatch_alibi(model)
+    return model
+
+
+def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
+    """``{layer path: [patch kinds]}`` of the layers of ``model`` now running our kernels,
+    e.g. ``{"model.layers.0.self_attn": ["rope/rotate_half"]}``; empty when none."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return {**_rope_patch.patched_rope_layers(model), **_alibi_models.patched_alibi_layers(model)}
+
+
+# ----------------------------------------------------------------------------------------
+# The module-level RoPE API (rotate-half only): patch_rope / unpatch_rope / apply_to_llama
+# ----------------------------------------------------------------------------------------
 
 #: Modeling modules patched by ``patch_rope()`` with no argument.
 DEFAULT_MODULES = (
@@ -61,248 +184,15 @@ DEFAULT_MODULES = (
     "transformers.models.mistral.modeling_mistral",
     "transformers.models.qwen2.modeling_qwen2",
 )
-
 _FUNC_NAME = "apply_rotary_pos_emb"
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------
-# The drop-in
-# ----------------------------------------------------------------------------------------
-
-
-def _rotate_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotate-half formula on ``x[..., :R]``; ``x[..., R:]`` passes through."""
-    rot = cos.shape[-1]
-    xr, xp = x[..., :rot], x[..., rot:]
-    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
-    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
-
-
-def _eager(q, k, cos, sin, unsqueeze_dim):
-    """The semantics of :func:`fused_apply_rotary_pos_emb` in plain PyTorch (fallback, probe)."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return _rotate_eager(q, cos, sin), (None if k is None else _rotate_eager(k, cos, sin))
-
-
-# Token-row indices ``arange(B*S).view(B, S)``, cached per (B, S, device) for the rare calls
-# whose q/k cannot be flattened to one sequence (see fused_apply_rotary_pos_emb).
-_ROWS_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-_ROWS_CACHE_MAX = 64
-
-
-def _token_rows(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # traced into the graph: no Python-side cache
-        return torch.arange(batch * seqlen, device=device).view(batch, seqlen)
-    key = (batch, seqlen, device)
-    rows = _ROWS_CACHE.get(key)
-    if rows is not None:
-        return rows
-    rows = torch.arange(batch * seqlen, device=device).view(batch, seqlen)
-    # A tensor allocated during CUDA-graph capture lives in the graph's private pool: use it
-    # for this capture only, never cache it.
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if len(_ROWS_CACHE) >= _ROWS_CACHE_MAX:
-            _ROWS_CACHE.clear()
-        _ROWS_CACHE[key] = rows
-    return rows
-
-
-def _flattenable(x: torch.Tensor) -> bool:
-    """Whether ``[B, S, ...]`` merges its first two dims into one without a copy."""
-    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
-
-
-def fused_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-    """Drop-in for transformers' Llama-family ``apply_rotary_pos_emb``, fused into one kernel.
-
-    Args:
-        q: ``[B, Hq, S, D]`` for ``unsqueeze_dim=1`` (transformers' attention layout) or
-            ``[B, S, Hq, D]`` for ``unsqueeze_dim=2``; any strides.
-        k: the same with ``Hk`` heads (or None: ``k_embed`` is then None).
-        cos, sin: ``[B or 1, S, R]``, already gathered per position, each ``cat(freqs, freqs)``
-            as transformers' rotary embeddings build them (the kernel reads the first half).
-            ``R < D`` is partial rotary: ``q[..., R:]`` passes through, as in Phi-3 / GLM /
-            GPT-NeoX (Llama's own function raises a broadcast error there).
-        position_ids: ignored, as in transformers (deprecated and unused there: cos/sin are
-            already gathered). An ``int`` here is taken as ``unsqueeze_dim``, for callers of
-            the newer signature ``(q, k, cos, sin, unsqueeze_dim=1)`` passing it positionally.
-        unsqueeze_dim: 1 or 2 (or -3 / -2), as in transformers.
-
-    Returns:
-        ``(q_embed, k_embed)`` with q's and k's shapes, in the dtype transformers would
-        return (the promotion of q/k with cos/sin: q's dtype for its own models). The
-        rotation is computed in fp32 and rounded once, at least as accurate as
-        transformers' computation in the input dtype.
-
-    Gradients flow to q and k. If cos or sin require grad (no transformers model does this),
-    or a dtype has no kernel (float64), the call runs the same math in plain PyTorch.
-    """
-    if isinstance(position_ids, int) and not isinstance(position_ids, bool):
-        unsqueeze_dim = position_ids
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor) and not (name == "k" and t is None):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D [B, H, S, D] (unsqueeze_dim=1) or [B, S, H, D] "
-                         f"(unsqueeze_dim=2), got shape {tuple(q.shape)}")
-    if cos.dim() != 3 or tuple(sin.shape) != tuple(cos.shape):
-        raise ValueError(f"cos and sin must both be [B or 1, S, R], got cos {tuple(cos.shape)} "
-                         f"and sin {tuple(sin.shape)}")
-    ud = unsqueeze_dim
-    if isinstance(ud, int) and not isinstance(ud, bool) and ud < 0:
-        ud += 4  # cos.unsqueeze(-3) / (-2) of a 3-D cos are dims 1 / 2
-    if isinstance(ud, bool) or ud not in (1, 2):
-        raise ValueError(f"unsqueeze_dim must be 1 (q/k [B, H, S, D]) or 2 (q/k [B, S, H, D]), "
-                         f"got {unsqueeze_dim!r}")
-    layout = "bhsd" if ud == 1 else "bshd"
-    seq_dim = 2 if ud == 1 else 1
-    batch, seqlen, dim = q.shape[0], q.shape[seq_dim], q.shape[3]
-    if k is not None and (k.dim() != 4 or (k.shape[0], k.shape[seq_dim], k.shape[3])
-                          != (batch, seqlen, dim)):
-        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, sequence "
-                         f"length and head dim for unsqueeze_dim={unsqueeze_dim} (heads may "
-                         f"differ)")
-    cos_batch, cos_len, rot = cos.shape
-    if cos_len != seqlen or cos_batch not in (1, batch):
-        raise ValueError(f"cos/sin {tuple(cos.shape)} must be [1 or B={batch}, S={seqlen}, R] "
-                         f"for q {tuple(q.shape)} with unsqueeze_dim={unsqueeze_dim}")
-    if rot == 0 or rot % 2 or rot > dim:
-        raise ValueError(f"cos/sin give rotary width R={rot}; expected an even 0 < R <= head "
-                         f"dim {dim}")
-
-    q_dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
-    k_dtype = None if k is None else torch.promote_types(
-        torch.promote_types(k.dtype, cos.dtype), sin.dtype)
-    if ((torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
-            or q_dtype not in _KERNEL_DTYPES or (k is not None and k_dtype != q_dtype)
-            or cos.dtype not in _KERNEL_DTYPES or sin.dtype not in _KERNEL_DTYPES):
-        return _eager(q, k, cos, sin, ud)
-    if q.dtype != q_dtype:  # transformers would promote (e.g. bf16 q with fp32 cos): so do we
-        q = q.to(q_dtype)
-    if k is not None and k.dtype != q_dtype:
-        k = k.to(q_dtype)
-
-    half = rot // 2
-    # Work in [B, S, H, D] views: the attention's q/k are transposes of the projection output.
-    qs = q if layout == "bshd" else q.transpose(1, 2)
-    ks = None if k is None else (k if layout == "bshd" else k.transpose(1, 2))
-    if cos_batch == 1 or batch == 1 or (cos.stride(0) == 0 and sin.stride(0) == 0):
-        # One row of cos/sin per position, shared by the batch: the table is cos[0].
-        q_out, k_out = apply_rope(qs, ks, cos[0, :, :half], sin[0, :, :half], layout="bshd")
-    else:
-        # Per-sequence cos/sin (position_ids [B, S]: left padding, packed sequences): the
-        # table has one row per token, b*S + s (a view of cos when it is contiguous).
-        cos_t, sin_t = cos.flatten(0, 1)[:, :half], sin.flatten(0, 1)[:, :half]
-        if _flattenable(qs) and (ks is None or _flattenable(ks)):
-            # Token b*S + s of the flattened [1, B*S, H, D] view sits at position b*S + s:
-            # no position tensor at all.
-            qf = qs.reshape(1, batch * seqlen, *qs.shape[2:])
-            kf = None if ks is None else ks.reshape(1, batch * seqlen, *ks.shape[2:])
-            q_out, k_out = apply_rope(qf, kf, cos_t, sin_t, layout="bshd")
-            q_out = q_out.view(qs.shape)
-            k_out = None if k_out is None else k_out.view(ks.shape)
-        else:
-            rows = _token_rows(batch, seqlen, q.device)  # in the table by construction: no sync
-            q_out, k_out = apply_rope(qs, ks, cos_t, sin_t, position_ids=rows, layout="bshd",
-                                      check_positions=False)
-    if layout == "bhsd":
-        q_out = q_out.transpose(1, 2)
-        k_out = None if k_out is None else k_out.transpose(1, 2)
-    return q_out, k_out
-
-
-# ----------------------------------------------------------------------------------------
-# Patching
-# ----------------------------------------------------------------------------------------
-
-# module name -> the apply_rotary_pos_emb it had before patch_rope replaced it.
-_ORIGINALS: dict[str, Callable] = {}
-# function -> None if compatible with fused_apply_rotary_pos_emb, else why not.
-_COMPAT_CACHE: dict[Callable, Optional[str]] = {}
-
-
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(
-            "posenc_triton.integrations.transformers needs Hugging Face transformers, an "
-            "optional extra of posenc-triton: pip install 'posenc-triton[hf]'") from e
-    return transformers
-
-
-def _incompatibility(fn) -> Optional[str]:
-    """None when ``fn`` computes what :func:`fused_apply_rotary_pos_emb` computes, else why not.
-
-    Checked on the signature, then numerically on a small float32 probe (both
-    ``unsqueeze_dim`` values, full and partial rotary width), so interleaved (GPT-J, Cohere),
-    multimodal or single-tensor variants that share the name are refused, not mis-patched.
-    """
-    if fn is fused_apply_rotary_pos_emb:
-        return None
-    try:
-        return _COMPAT_CACHE[fn]
-    except (KeyError, TypeError):
-        pass
-    reason = _probe(fn)
-    try:
-        _COMPAT_CACHE[fn] = reason
-    except TypeError:  # unhashable callable
-        pass
-    return reason
-
-
-def _probe(fn) -> Optional[str]:
-    if not callable(fn):
-        return f"it is not callable ({type(fn).__name__})"
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return "its signature cannot be inspected"
-    if params[:4] != ["q", "k", "cos", "sin"] or "unsqueeze_dim" not in params:
-        return f"its signature {params} is not (q, k, cos, sin, ..., unsqueeze_dim)"
-    gen = torch.Generator().manual_seed(0)
-    b, hq, hk, s, d = 2, 2, 1, 3, 8
-    q = torch.randn(b, hq, s, d, generator=gen, dtype=torch.float32)
-    k = torch.randn(b, hk, s, d, generator=gen, dtype=torch.float32)
-    for rot in (d, d // 2):
-        freqs = torch.randn(b, s, rot // 2, generator=gen, dtype=torch.float32) * 3
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        for ud in (1, 2):
-            qq, kk = (q, k) if ud == 1 else (q.transpose(1, 2), k.transpose(1, 2))
-            try:
-                got = fn(qq, kk, cos, sin, unsqueeze_dim=ud)
-            except Exception as e:
-                if rot < d:  # partial rotary unsupported by the original: ours accepts more
-                    break
-                return f"it raised {type(e).__name__}: {e} on Llama-style inputs"
-            want = _eager(qq, kk, cos, sin, ud)
-            if not (isinstance(got, (tuple, list)) and len(got) == 2
-                    and all(isinstance(g, torch.Tensor) and g.shape == w.shape
-                            and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
-                            for g, w in zip(got, want))):
-                what = "full" if rot == d else "partial"
-                return (f"it does not compute Llama's rotate-half rotation ({what} rotary width, "
-                        f"unsqueeze_dim={ud})")
-    return None
-
-
-def _import(name: str) -> types.ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise ImportError(f"cannot import modeling module {name!r}: {e}") from e
 
 
 def _modules_of(target) -> tuple[list[types.ModuleType], str, bool]:
     """``(modules, description, from_model)`` for a patch/unpatch target."""
     if target is None:
-        return [_import(n) for n in DEFAULT_MODULES], "the default modules", False
+        return [modeling(n) for n in DEFAULT_MODULES], "the default modules", False
     if isinstance(target, str):
-        return [_import(target)], repr(target), False
+        return [modeling(target)], repr(target), False
     if isinstance(target, types.ModuleType):
         return [target], repr(target.__name__), False
     if isinstance(target, torch.nn.Module):
@@ -326,14 +216,13 @@ def _modules_of(target) -> tuple[list[types.ModuleType], str, bool]:
 
 
 def patch_rope(model_or_module=None) -> list[str]:
-    """Make transformers' attention use :func:`fused_apply_rotary_pos_emb`.
+    """Make transformers' attention use :func:`fused_apply_rotary_pos_emb` (rotate-half).
 
     Args:
         model_or_module: a model instance (every modeling module of its submodules' classes
-            that defines ``apply_rotary_pos_emb`` is patched, e.g.
-            ``transformers.models.llama.modeling_llama``); a modeling module or its dotted
+            that defines ``apply_rotary_pos_emb`` is patched); a modeling module or its dotted
             name, or a list of them; or None for Llama, Mistral and Qwen2
-            (:data:`DEFAULT_MODULES`).
+            (:data:`DEFAULT_MODULES`). :func:`apply` covers the other RoPE variants.
 
     Returns:
         The names of the patched modules (already patched ones included: idempotent).
@@ -342,13 +231,10 @@ def patch_rope(model_or_module=None) -> list[str]:
         ImportError: transformers is not installed (the ``hf`` extra).
         ValueError: the model's modules have no ``apply_rotary_pos_emb`` (ALiBi or learned
             positions: BLOOM, GPT-2, ...), or theirs computes something else (interleaved,
-            multimodal, single-tensor variants); the message names the class and reason.
-            A model instance with both kinds gets the compatible ones patched and a warning.
-
-    The swap is module-wide: all models of those classes in the process use the kernel
-    until :func:`unpatch_rope`.
+            single-tensor variants); the message names the module and reason. A model
+            instance with both kinds gets the compatible ones patched and a warning.
     """
-    _require_transformers()
+    require_transformers()
     modules, what, from_model = _modules_of(model_or_module)
     candidates = [m for m in modules if hasattr(m, _FUNC_NAME)]
     if not candidates:
@@ -358,12 +244,10 @@ def patch_rope(model_or_module=None) -> list[str]:
             f"{_FUNC_NAME} function. patch_rope supports models that rotate q and k with "
             f"Llama's {_FUNC_NAME} (Llama, Mistral, Qwen2, ...); models with ALiBi (BLOOM) or "
             f"learned absolute positions (GPT-2) have nothing to patch")
+    kind = KINDS["rotate_half"]
     good, bad = [], []
     for mod in candidates:
-        current = getattr(mod, _FUNC_NAME)
-        original = _ORIGINALS.get(mod.__name__, current) if current is fused_apply_rotary_pos_emb \
-            else current
-        reason = _incompatibility(original)
+        reason = _rope_patch.probe(kind, _rope_patch.original(mod, _FUNC_NAME))
         (good if reason is None else bad).append((mod, reason))
     if bad and (not good or not from_model):
         detail = "; ".join(f"{m.__name__}.{_FUNC_NAME}: {r}" for m, r in bad)
@@ -371,47 +255,63 @@ def patch_rope(model_or_module=None) -> list[str]:
     for mod, reason in bad:
         warnings.warn(f"patch_rope({what}): left {mod.__name__}.{_FUNC_NAME} unpatched: {reason}",
                       stacklevel=2)
-    patched = []
-    for mod, _ in good:
-        current = getattr(mod, _FUNC_NAME)
-        if current is not fused_apply_rotary_pos_emb:
-            _ORIGINALS[mod.__name__] = current
-            setattr(mod, _FUNC_NAME, fused_apply_rotary_pos_emb)
-        patched.append(mod.__name__)
-    return patched
+    _rope_patch.install([(mod, kind) for mod, _ in good])
+    return [mod.__name__ for mod, _ in good]
 
 
 def unpatch_rope(model_or_module=None) -> list[str]:
-    """Restore the original ``apply_rotary_pos_emb`` where :func:`patch_rope` replaced it.
+    """Restore the original ``apply_rotary_pos_emb`` where a drop-in replaced it.
 
     ``model_or_module`` as for :func:`patch_rope`, except that None restores every module
-    patched so far (not only the defaults). Modules that are not patched are skipped, and a
-    function someone else installed after ours is left in place. Returns the names of the
-    modules restored.
+    patched so far (not only the defaults). Returns the names of the modules restored.
     """
     if model_or_module is None:
-        names = list(_ORIGINALS)
+        names = {n for n, fn in _rope_patch._ORIGINALS if fn == _FUNC_NAME}
     else:
-        names = [m.__name__ for m in _modules_of(model_or_module)[0]]
-    restored = []
-    for name in names:
-        if name not in _ORIGINALS:
-            continue
-        original = _ORIGINALS.pop(name)
-        mod = sys.modules.get(name)
-        if mod is not None and getattr(mod, _FUNC_NAME, None) is fused_apply_rotary_pos_emb:
-            setattr(mod, _FUNC_NAME, original)
-            restored.append(name)
-    return restored
+        names = {m.__name__ for m in _modules_of(model_or_module)[0]}
+    return _rope_patch.restore(names, _FUNC_NAME)
 
 
 def patched_modules() -> list[str]:
     """Names of the modules whose ``apply_rotary_pos_emb`` is currently the fused one."""
-    return [n for n in _ORIGINALS
-            if getattr(sys.modules.get(n), _FUNC_NAME, None) is fused_apply_rotary_pos_emb]
+    return [n for n, fn in _rope_patch._ORIGINALS if fn == _FUNC_NAME
+            and getattr(sys.modules.get(n), fn, None) is fused_apply_rotary_pos_emb]
 
 
 def apply_to_llama(model):
     """``patch_rope(model)``, returning ``model`` (for ``model = apply_to_llama(model)``)."""
     patch_rope(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# The BLOOM API: patch_bloom / unpatch_bloom / apply_to_bloom
+# ----------------------------------------------------------------------------------------
+
+
+def patch_bloom(model: torch.nn.Module, *, check_masks: bool = True) -> int:
+    """Run the attention of every ``BloomAttention`` in ``model`` through the ALiBi kernel
+    (per instance; see :mod:`._alibi_models`). Returns the number of patched layers
+    (idempotent; a repeated call updates ``check_masks``).
+
+    Raises ImportError without transformers, TypeError for a non-module, ValueError when the
+    model has no ``BloomAttention`` layer (:func:`apply` handles rotary models).
+    """
+    require_transformers()
+    return _alibi_models.patch_alibi(model, "bloom", check_masks=check_masks)
+
+
+def unpatch_bloom(model: torch.nn.Module) -> int:
+    """Give every patched ALiBi layer of ``model`` its original class; returns how many."""
+    return _alibi_models.unpatch_alibi(model)
+
+
+def patched_bloom_attentions(model: torch.nn.Module) -> int:
+    """How many ALiBi layers of ``model`` currently run the fused kernel."""
+    return len(_alibi_models.patched_alibi_layers(model))
+
+
+def apply_to_bloom(model: torch.nn.Module, *, check_masks: bool = True) -> torch.nn.Module:
+    """``patch_bloom(model)``, returning ``model`` (for ``model = apply_to_bloom(model)``)."""
+    patch_bloom(model, check_masks=check_masks)
     return model

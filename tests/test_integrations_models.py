@@ -1,0 +1,273 @@
+"""``integrations.transformers.apply`` on every supported architecture, table-driven.
+
+One tiny random-weight model per entry of ``ARCHITECTURES`` (built from a config, no
+download; 2 layers, hidden 64, 12 tokens, fp32, eager attention), patched against unpatched:
+logits with right padding, the gradients of a training step, greedy ``generate()`` with the
+KV cache, a kernel launch inside every patched layer, ``unpatch``, ``torch.compile``.
+"""
+
+import pytest
+import torch
+
+from conftest import DEVICE, count_calls_of, model_step
+
+transformers = pytest.importorskip("transformers")
+
+from posenc_triton.integrations import _alibi_models, _rope_dropins  # noqa: E402
+from posenc_triton.integrations import transformers as hf  # noqa: E402
+
+BASE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+PARTIAL = {"partial_rotary_factor": 0.5}
+MOE = {"num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
+       "moe_intermediate_size": 32}
+
+# test id -> (model_type, config overrides). Every RoPE behaviour class and the three ALiBi
+# models; ids name the class when one model type has several.
+MODELS = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "mixtral": ("mixtral", MOE),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 16, **MOE}),
+    "gemma": ("gemma", {"head_dim": 16}),
+    "gemma2": ("gemma2", {"head_dim": 16}),
+    "granite": ("granite", {}),
+    "starcoder2": ("starcoder2", {}),
+    "phi": ("phi", PARTIAL),
+    "phi3": ("phi3", PARTIAL),
+    "gpt_neox": ("gpt_neox", {"rotary_pct": 0.5}),
+    "stablelm": ("stablelm", PARTIAL),
+    "persimmon": ("persimmon", PARTIAL),
+    "nemotron": ("nemotron", PARTIAL),
+    "falcon-rope": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "olmo": ("olmo", {}),
+    "olmo2": ("olmo2", {}),
+    "glm": ("glm", {"head_dim": 16, **PARTIAL}),
+    "glm4": ("glm4", {"head_dim": 16, **PARTIAL}),
+    "helium": ("helium", {"head_dim": 16}),
+    "ernie4_5": ("ernie4_5", {"head_dim": 16}),
+    "cohere": ("cohere", {}),
+    "gptj": ("gptj", {"rotary_dim": 8}),
+    "codegen": ("codegen", {"rotary_dim": 8}),
+    "deepseek_v3": ("deepseek_v3", {
+        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+        "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1, "num_key_value_heads": 4}),
+    "gemma3n_text": ("gemma3n_text", {
+        "head_dim": 16, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 128,
+        "laurel_rank": 8, "num_kv_shared_layers": 0, "altup_num_inputs": 2,
+        "activation_sparsity_pattern": [0.0, 0.0],
+        "layer_types": ["sliding_attention", "full_attention"]}),
+    "bloom": ("bloom", {"num_attention_heads": 6, "hidden_size": 48}),
+    "mpt": ("mpt", {"n_heads": 4, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+                    "expansion_ratio": 2}),
+    "falcon-alibi": ("falcon", {"alibi": True}),
+}
+DEEPSEEK_ROTATE_HALF = ("deepseek_v3", {**MODELS["deepseek_v3"][1], "rope_interleave": False})
+# One per patch family for the slower checks (generate, compile).
+FAMILIES = ["llama", "phi3", "olmo2", "glm4", "cohere", "gptj", "deepseek_v3", "gemma3n_text",
+            "bloom", "mpt", "falcon-alibi"]
+SEQLEN = 12
+
+
+def make_model(name, attn_implementation="eager", spec=None):
+    model_type, overrides = spec or MODELS[name]
+    config = transformers.AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation)
+    return model.to(DEVICE).float()
+
+
+def batch_inputs(padding="right"):
+    """``(kwargs, keep)``: ids, mask, labels (-100 where the label or its predicting position
+    is padding) and the bool [B, S] of real tokens."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, BASE["vocab_size"], (2, SEQLEN), generator=gen)
+    mask = torch.ones_like(ids)
+    if padding == "right":
+        mask[0, SEQLEN - 4:] = 0
+    else:
+        mask[0, :4] = 0
+    scored = mask.clone()
+    scored[:, 1:] *= mask[:, :-1]
+    kwargs = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(scored == 0,
+                                                                                   -100)}
+    return {k: v.to(DEVICE) for k, v in kwargs.items()}, mask.bool().to(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def restore_transformers():
+    yield
+    hf.unpatch_rope()  # every module patched so far, whichever test failed
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """One entry per kernel call made by the integration (RoPE or ALiBi)."""
+    calls = count_calls_of(monkeypatch, _rope_dropins, "apply_rope")
+    monkeypatch.setattr(_alibi_models, "alibi_attention", _counting(
+        _alibi_models.alibi_attention, calls))
+    return calls
+
+
+def _counting(fn, calls):
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counting
+
+
+def launches_per_layer(model, calls, run):
+    """``{patched layer path: kernel calls made inside its forward}`` while ``run()``."""
+    counts, handles = {}, []
+    for path in hf.patched_layers(model):
+        layer = model.get_submodule(path)
+        counts[path] = 0
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, p=path: counts.__setitem__(p, counts[p] - len(calls))))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, o, p=path: counts.__setitem__(p, counts[p] + len(calls))))
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts, result
+
+
+def rel_err(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def test_table_is_covered():
+    # >= 20 architectures, >= 3 with ALiBi; every table entry has a model here.
+    assert set(hf.ARCHITECTURES) == {spec[0] for spec in MODELS.values()}
+    assert len(hf.ARCHITECTURES) >= 20 and hf.supported_model_types() == sorted(hf.ARCHITECTURES)
+    kinds = {k for name in MODELS for k in hf._kinds(make_config_only(name))[1]}
+    assert kinds == {f"rope/{k}" for k in hf.KINDS if k != "complex"} | {
+        "alibi/bloom", "alibi/mpt", "alibi/falcon"}
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+def make_config_only(name):
+    model_type, overrides = MODELS[name]
+    return _Holder(transformers.AutoConfig.for_model(model_type, **{**BASE, **overrides}))
+
+
+@pytest.mark.parametrize("name", list(MODELS) + ["deepseek_v3-rotate-half"])
+def test_patched_matches_unpatched(name, launches):
+    spec = DEEPSEEK_ROTATE_HALF if name == "deepseek_v3-rotate-half" else None
+    model = make_model(name, spec=spec)
+    inputs, keep = batch_inputs("right")
+    logits, loss, grads = model_step(model, inputs)
+    assert not launches
+    assert hf.apply(model) is model
+    assert hf.apply(model) is model  # twice: a no-op
+    layers = hf.patched_layers(model)
+    assert len(layers) == model.config.num_hidden_layers, layers
+    per_layer, (p_logits, p_loss, p_grads) = launches_per_layer(
+        model, launches, lambda: model_step(model, inputs))
+    assert all(n >= 1 for n in per_layer.values()), per_layer  # the kernel runs in each
+    assert rel_err(p_logits[keep], logits[keep]) <= 1e-5
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-6)
+    assert p_grads.keys() == grads.keys()
+    for n in grads:
+        scale = grads[n].abs().max().item()
+        torch.testing.assert_close(p_grads[n], grads[n], rtol=1e-4, atol=1e-4 * scale + 1e-9,
+                                   msg=lambda m, n=n: f"grad of {n}: {m}")
+    hf.unpatch(model)
+    assert hf.patched_layers(model) == {}
+    count = len(launches)
+    again, _, _ = model_step(model, inputs)
+    assert len(launches) == count
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)  # transformers' code again
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_with_kv_cache_identical(name, launches):
+    model = make_model(name).eval()
+    inputs, _ = batch_inputs("left")
+    del inputs["labels"]
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    want = model.generate(**inputs, **kwargs)
+    hf.apply(model)
+    got = model.generate(**inputs, **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(launches) >= 3 * model.config.num_hidden_layers  # prefill + 2 decode steps
+
+
+@pytest.mark.parametrize("name", ["llama", "gptj", "deepseek_v3", "gemma3n_text", "mpt",
+                                  "falcon-alibi"])
+def test_torch_compile_aot_eager(name, launches):
+    torch._dynamo.reset()
+    model = make_model(name).eval()
+    inputs, keep = batch_inputs("right")
+    del inputs["labels"]
+    hf.apply(model, check_masks=False)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        got = torch.compile(model, backend="aot_eager")(**inputs).logits
+    assert launches
+    assert rel_err(got[keep], want[keep]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon-alibi", "mpt"])
+def test_alibi_sdpa_and_left_padding(name, launches):
+    # Falcon's SDPA path adds the folded alibi once (its eager path twice): both matched.
+    impl = "sdpa" if name == "falcon-alibi" else "eager"
+    model = make_model(name, attn_implementation=impl)
+    inputs, keep = batch_inputs("left")
+    logits, loss, _ = model_step(model, inputs)
+    hf.apply(model)
+    p_logits, p_loss, _ = model_step(model, inputs)
+    assert len(launches) == model.config.num_hidden_layers
+    assert rel_err(p_logits[keep], logits[keep]) <= 1e-5
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_model_refused():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*supported model types: .*bloom.*"
+                                         r"llama.*mpt"):
+        hf.apply(gpt2)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        hf.apply("meta-llama/Llama-3-8B")
+    assert hf.patched_layers(gpt2) == {}
+
+
+def test_probe_refuses_a_function_that_computes_otherwise(monkeypatch):
+    # A model whose function shares the name but not the math is refused, nothing patched.
+    from transformers.models.llama import modeling_llama
+
+    def not_rope(q, k, cos, sin, unsqueeze_dim=1):
+        return q * cos.unsqueeze(unsqueeze_dim), k
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", not_rope)
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"cannot patch llama model .*modeling_llama\."
+                                         r"apply_rotary_pos_emb: it does not compute"):
+        hf.apply(model)
+    assert modeling_llama.apply_rotary_pos_emb is not_rope and hf.patched_layers(model) == {}
+
+
+def test_falcon_flash_attention_layers_refused():
+    # FalconFlashAttention2 overrides the forward (and refuses alibi itself): not patched.
+    from transformers.models.falcon import modeling_falcon
+
+    model = make_model("falcon-alibi")
+    layer = model.transformer.h[0]
+    config = model.config
+    layer.self_attention = modeling_falcon.FalconFlashAttention2(config, 0)
+    with pytest.raises(ValueError, match="overrides FalconAttention.forward"):
+        hf.apply(model)
+    assert hf.patched_layers(model) == {}
