@@ -308,14 +308,14 @@ def test_inference_mode_then_training(count_calls):
     inputs, keep = batch_inputs(padding="left")
     with torch.no_grad():
         want = model(**inputs).logits
-    logits, loss, grads = model_step(model, inputs)
+    _, loss, grads = model_step(model, inputs)
     hf.patch_bloom(model)
     with torch.inference_mode():
         got = model(**inputs).logits
     assert len(count_calls) == 2
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
     assert not any(t.is_inference() for t in _alibi_models._SLOPES.values())
-    p_logits, p_loss, p_grads = model_step(model, inputs)
+    _, p_loss, p_grads = model_step(model, inputs)
     torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(p_grads[name], grads[name], rtol=1e-5, atol=1e-5)

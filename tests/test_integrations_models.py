@@ -164,7 +164,7 @@ def make_config_only(name):
     return _Holder(transformers.AutoConfig.for_model(model_type, **{**BASE, **overrides}))
 
 
-@pytest.mark.parametrize("name", list(MODELS) + ["deepseek_v3-rotate-half"])
+@pytest.mark.parametrize("name", [*MODELS, "deepseek_v3-rotate-half"])
 def test_patched_matches_unpatched(name, launches):
     spec = DEEPSEEK_ROTATE_HALF if name == "deepseek_v3-rotate-half" else None
     model = make_model(name, spec=spec)
@@ -241,7 +241,7 @@ def test_unsupported_model_refused():
     with pytest.raises(ValueError, match=r"model_type='gpt2'.*supported model types: .*bloom.*"
                                          r"llama.*mpt"):
         hf.apply(gpt2)
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         hf.apply("meta-llama/Llama-3-8B")
     assert hf.patched_layers(gpt2) == {}
 
@@ -268,6 +268,6 @@ def test_falcon_flash_attention_layers_refused():
     layer = model.transformer.h[0]
     config = model.config
     layer.self_attention = modeling_falcon.FalconFlashAttention2(config, 0)
-    with pytest.raises(ValueError, match="overrides FalconAttention.forward"):
+    with pytest.raises(ValueError, match=r"overrides FalconAttention\.forward"):
         hf.apply(model)
     assert hf.patched_layers(model) == {}

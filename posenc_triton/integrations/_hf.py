@@ -20,7 +20,7 @@ def require_transformers() -> types.ModuleType:
 
 
 def modeling(name: str) -> types.ModuleType:
-    """A transformers modeling module by its dotted name (e.g. ``...models.bloom.modeling_bloom``)."""
+    """A transformers modeling module by dotted name (``transformers.models.x.modeling_x``)."""
     require_transformers()
     try:
         return importlib.import_module(name)
