@@ -166,8 +166,15 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
     ``[B, Sk]`` (any strides) or None. With ``cu_seqlens_q``/``cu_seqlens_k`` (int ``[B + 1]``)
     ``q``, ``k``, ``v`` are packed ``[total, H, D]`` and ``max_seqlen_*`` bound the lengths.
     Arguments are already checked. ``wrap`` launches through :func:`_backend.launcher` (the
-    body of the ``torch.library`` op, seen by ``torch.compile``).
+    body of the ``torch.library`` op, seen by ``torch.compile``). Few query rows against
+    many keys run split-KV (:mod:`posenc_triton.alibi_decode`; the rule is its ``use_split``).
     """
+    from posenc_triton import alibi_decode  # lazily: it reuses this module's helpers
+
+    if alibi_decode.use_split(q, k, layout, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+        return alibi_decode.alibi_decode_forward(
+            q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k, is_causal, scale, layout, wrap=wrap)
     varlen = cu_seqlens_q is not None
     q, k, v = (_bhsd(t, layout, varlen) for t in (q, k, v))
     num_heads, seqlen_q, num_kv_heads, seqlen_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]

@@ -1,0 +1,185 @@
+"""Split-KV (flash-decoding) forward of ALiBi attention: few query rows against many keys.
+
+KV-cache decoding and chunked prefill have ``Sq`` from 1 to a few dozen rows and ``Sk`` in
+the thousands. The dense forward then has ``cdiv(Sq, BLOCK_M) * Hq * B`` programs, too few to
+fill a GPU at small batch, each streaming all the keys and re-reading every K/V tile once per
+query head of a GQA group. Here (:mod:`posenc_triton.kernels.alibi_decode`) the keys are
+split across programs and a program packs the ``group x Sq`` query rows of one KV head into
+its tile, so K/V are read once per group; a second launch merges the splits by their
+log-sum-exp. The result is the dense forward's ``(out, lse)``, and its backward runs from it.
+
+:func:`use_split` picks this path inside :func:`posenc_triton.alibi_ops.alibi_attention_forward`
+(so the op, autograd and ``torch.compile`` paths are unchanged). Per-batch valid key lengths
+(``cache_seqlens``) run only here, forward only, through the op
+``posenc_triton::alibi_decode_fwd``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from posenc_triton import _backend
+
+# Dispatch (see use_split): at most this many query rows, at least this many keys.
+MAX_SEQLEN_Q = 64
+MIN_SEQLEN_K = 512
+# Keys per split; None picks it by shape. Tests set it to get several splits on tiny shapes.
+SPLIT_SIZE: Optional[int] = None
+_MAX_SPLITS = 128
+_MIN_KEYS_PER_SPLIT = 256  # below this the partials' traffic and the merge cost more
+_MAX_BLOCK_M = 64
+_MERGE_BLOCK_M = 16
+_INTERPRETER_BLOCK_N = 16
+_DEFAULT_SMS = 132  # H100 SXM; used where the device cannot be asked (CPU, interpreter)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def use_split(q, k, layout: str, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int) -> bool:
+    """Whether the split-KV path runs a call of the dense op (checked arguments).
+
+    The rule: at most :data:`MAX_SEQLEN_Q` query rows (the longest sequence when packed)
+    against at least :data:`MIN_SEQLEN_K` keys and 8 keys per query row, and then either GQA
+    (``Hq > Hk``: the split path reads each K/V tile once per group instead of once per
+    query head) or a dense grid of fewer than two programs per SM (it could not fill the
+    GPU). Otherwise the dense forward, whose tiles are then full.
+    """
+    if cu_seqlens_q is not None:  # packed [total, H, D]
+        seqlen_q, seqlen_k, heads, batch = max_seqlen_q, max_seqlen_k, 1, cu_seqlens_q.numel() - 1
+    else:
+        s = 2 if layout == "bhsd" else 1
+        seqlen_q, seqlen_k, heads, batch = q.shape[s], k.shape[s], 3 - s, q.shape[0]
+    if seqlen_q > MAX_SEQLEN_Q or seqlen_k < max(MIN_SEQLEN_K, 8 * seqlen_q):
+        return False
+    if q.shape[heads] > k.shape[heads]:
+        return True
+    return _backend.cdiv(seqlen_q, 128) * q.shape[heads] * batch < 2 * _num_sms(q.device)
+
+
+def _tiles(q: torch.Tensor, rows: int) -> dict:
+    """``BLOCK_*`` and launch options of the split kernel for ``rows`` packed query rows.
+
+    Fixed rather than autotuned: a decode step is short enough that the autotuner's key
+    costs host time, and one tile is memory-bound at every size. Two ``BLOCK_N``-row K/V
+    tiles per stage fit sm_90's shared memory at every head dim and dtype."""
+    interpreting = _backend.interpreting()
+    block_d = max(16, _backend.next_power_of_2(q.shape[-1]))
+    row_bytes = block_d * q.element_size()
+    return {
+        "BLOCK_M": min(_MAX_BLOCK_M, max(16, _backend.next_power_of_2(rows))),
+        "BLOCK_N": _INTERPRETER_BLOCK_N if interpreting else 64 if row_bytes <= 256 else 32,
+        "num_warps": 4,
+        "num_stages": 1 if interpreting else 3 if row_bytes <= 256 else 2,
+    }
+
+
+def _splits(seqlen_k: int, programs: int, block_n: int, device: torch.device) -> tuple:
+    """``(num_splits, split_size)``: enough programs for two per SM, each split a multiple of
+    ``block_n`` keys and at least ``_MIN_KEYS_PER_SPLIT`` (or :data:`SPLIT_SIZE` if set)."""
+    if SPLIT_SIZE is not None:
+        size = _backend.cdiv(max(SPLIT_SIZE, 1), block_n) * block_n
+    else:
+        want = min(_MAX_SPLITS, _backend.cdiv(2 * _num_sms(device), max(programs, 1)),
+                   _backend.cdiv(seqlen_k, _MIN_KEYS_PER_SPLIT))
+        size = _backend.cdiv(_backend.cdiv(seqlen_k, max(want, 1)), block_n) * block_n
+    size = max(size, block_n)
+    return max(_backend.cdiv(seqlen_k, size), 1), size
+
+
+def _empty_f32(shape, device) -> torch.Tensor:
+    """The log-sum-exp and the partials (tests poison them)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def alibi_decode_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
+                         cache_seqlens=None, wrap=False):
+    """``(out, lse)`` exactly as :func:`posenc_triton.alibi_ops.alibi_attention_forward`
+    returns them (same arguments), computed split-KV; ``cache_seqlens`` (int ``[B]``, dense
+    input only) limits batch ``b`` to its first ``cache_seqlens[b]`` keys, its queries
+    aligned to that length."""
+    from posenc_triton import alibi_ops as ops  # imports this module lazily: no cycle
+    from posenc_triton.kernels import alibi_decode as kern
+
+    varlen = cu_seqlens_q is not None
+    q, k, v = (ops._bhsd(t, layout, varlen) for t in (q, k, v))
+    num_heads, rows_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    seqlen_q = max_seqlen_q if varlen else rows_q
+    if varlen:
+        seqlen_k = max_seqlen_k
+    out = ops._empty_bhsd(q.shape, layout, q, varlen)
+    lse = _empty_f32((q.shape[0], num_heads, rows_q), q.device)
+    if out.numel() == 0 or seqlen_q == 0 or batch == 0:
+        return ops._layout(out, layout, varlen), lse
+
+    group = num_heads // num_kv_heads
+    interpreting = _backend.interpreting()
+    meta = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, _backend.next_power_of_2(head_dim)),
+            "IS_CAUSAL": is_causal, "HAS_KEY_MASK": key_padding_mask is not None,
+            "HAS_SEQLENS": cache_seqlens is not None, "IS_VARLEN": varlen,
+            # fp32 inputs get IEEE fp32 products (PyTorch's default matmul), not TF32
+            "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreting else None,
+            "INTERPRETER": interpreting}  # works around its bf16 dot and rounding
+    tiles = _tiles(q, group * seqlen_q)
+    m_blocks = _backend.cdiv(group * seqlen_q, tiles["BLOCK_M"])
+    num_splits, split_size = _splits(seqlen_k, m_blocks * num_kv_heads * batch,
+                                     tiles["BLOCK_N"], q.device)
+    # fp32 partials, rows addressed like the output's (packed: one batch of total_q rows)
+    part_out = _empty_f32((num_splits, q.shape[0], num_heads, rows_q, head_dim), q.device)
+    part_lse = _empty_f32(part_out.shape[:-1], q.device)
+    part_strides = (part_out.stride(0), 0 if varlen else part_out.stride(1),
+                    *part_out.stride()[2:4], part_lse.stride(0),
+                    0 if varlen else part_lse.stride(1), part_lse.stride(2))
+    mask, stride_mb, stride_mn = ops._key_mask_args(key_padding_mask, slopes)
+    seqlens = slopes if cache_seqlens is None else cache_seqlens  # never read when None
+    with _backend.device_guard(q):
+        ops._launch(kern._alibi_decode_split, wrap)[(m_blocks * num_splits, num_kv_heads, batch)](
+            q, k, v, part_out, part_lse, slopes, mask,
+            *ops._cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), seqlens, scale,
+            *ops._strides(q, k, v, varlen=varlen), *part_strides,
+            ops._slope_batch_stride(slopes), stride_mb, stride_mn,
+            group, seqlen_q, seqlen_k, num_splits, split_size, **meta, **tiles)
+        merge_grid = (_backend.cdiv(rows_q, _MERGE_BLOCK_M), num_heads, q.shape[0])
+        ops._launch(kern._alibi_decode_merge, wrap)[merge_grid](
+            part_out, part_lse, out, lse, *part_out.stride()[:4], *part_lse.stride()[:3],
+            *out.stride(), *lse.stride()[:2], rows_q, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_MERGE_BLOCK_M,
+            INTERPRETER=interpreting)
+    return ops._layout(out, layout, varlen), lse
+
+
+# ------------------------------------------------------------------------------------------
+# Per-batch valid key lengths (cache_seqlens): forward only, as flash_attn_with_kvcache
+# ------------------------------------------------------------------------------------------
+
+
+def _kvcache_forward(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
+                     layout, wrap=False):
+    return alibi_decode_forward(q, k, v, slopes, key_padding_mask, None, None, 0, 0, is_causal,
+                                scale, layout, cache_seqlens, wrap)
+
+
+@_backend.library_op("posenc_triton::alibi_decode_fwd", mutates_args=())
+def _alibi_decode_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                         cache_seqlens: torch.Tensor, is_causal: bool, scale: float,
+                         layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kvcache_forward(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
+                            layout, wrap=True)
+
+
+def alibi_kvcache_forward(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
+                          layout):
+    """``(out, lse)`` of checked arguments with ``cache_seqlens``; the op under compile."""
+    return _backend.call_op(torch.ops.posenc_triton.alibi_decode_fwd, _kvcache_forward, q, k,
+                            v, slopes, key_padding_mask, cache_seqlens, is_causal, scale, layout)
