@@ -159,11 +159,12 @@ def _forward_of(module: torch.nn.Module):
 
 def rope_sites(model: torch.nn.Module, kinds) -> list[tuple[str, types.ModuleType, RopeKind]]:
     """``(layer path, modeling module, kind)`` for every submodule whose ``forward`` calls
-    the global that one of ``kinds`` replaces."""
+    the global that one of ``kinds`` replaces; a layer declaring ``use_rope = False``
+    (Llama-4's NoPE layers) is not a RoPE layer."""
     sites = []
     for path, sub in model.named_modules():
         fwd = _forward_of(sub)
-        if fwd is None or fwd is torch.nn.Module.forward:
+        if fwd is None or fwd is torch.nn.Module.forward or not getattr(sub, "use_rope", True):
             continue
         mod = sys.modules.get(fwd.__module__)
         if mod is None or mod.__dict__ is not fwd.__globals__:

@@ -91,6 +91,8 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
     "deepseek_v3": _deepseek,
     # one tensor per call
     "gemma3n_text": ("rope/single",),
+    # complex freqs_cis (its NoPE layers, use_rope=False, untouched)
+    "llama4_text": ("rope/complex",),
     # ALiBi (Falcon: RoPE unless config.alibi)
     "bloom": ("alibi/bloom",), "mpt": ("alibi/mpt",), "falcon": _falcon,
 }
