@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 from posenc_triton import alibi_attention, alibi_slopes  # noqa: E402
-from posenc_triton.integrations import _alibi_models  # noqa: E402
+from posenc_triton.integrations import _alibi_checks, _alibi_models  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
 
 SEQLEN = 12
@@ -76,7 +76,7 @@ def test_bloom_slopes_are_alibi_slopes(heads):
     # BLOOM's fp32 pow of a rounded base drifts from the correctly rounded slopes by a few
     # ulps (up to 11 for 128 heads): the integration uses BLOOM's own.
     torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=0)
-    assert torch.equal(_alibi_models.model_slopes("bloom", heads, torch.device("cpu")), theirs)
+    assert torch.equal(_alibi_checks.model_slopes("bloom", heads, torch.device("cpu")), theirs)
 
 
 def bloom_attention_math(q, k, v, mask2d, heads):
@@ -302,7 +302,7 @@ def test_inference_mode_then_training(count_calls):
     # Served under inference_mode (the mask check reads no version counter; inference tensors
     # have none), then fine-tuned in the same process: nothing cached while serving (slopes,
     # verdicts) may hand an inference tensor to the backward.
-    _alibi_models._SLOPES.clear()
+    _alibi_checks._SLOPES.clear()
     model = make_model(6)
     inputs, keep = batch_inputs(padding="left")
     with torch.no_grad():
@@ -313,7 +313,7 @@ def test_inference_mode_then_training(count_calls):
         got = model(**inputs).logits
     assert len(count_calls) == 2
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
-    assert not any(t.is_inference() for t in _alibi_models._SLOPES.values())
+    assert not any(t.is_inference() for t in _alibi_checks._SLOPES.values())
     _, p_loss, p_grads = model_step(model, inputs)
     torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
     for name in grads:
@@ -323,7 +323,7 @@ def test_inference_mode_then_training(count_calls):
 def test_check_masks_false_under_inference_mode_then_training(count_calls):
     # Without the mask check the slopes cache is the only state: filled under inference
     # mode, it must still serve a training step.
-    _alibi_models._SLOPES.clear()
+    _alibi_checks._SLOPES.clear()
     model = make_model(4)
     inputs, _ = batch_inputs(padding="right")
     hf.patch_bloom(model, check_masks=False)
@@ -345,9 +345,9 @@ def test_verdicts_do_not_outlive_the_forward():
     with torch.no_grad():
         model(**inputs)
     gc.collect()
-    assert len(_alibi_models._verdicts()) == 0
+    assert len(_alibi_checks._verdicts()) == 0
     seen = []
-    thread = threading.Thread(target=lambda: seen.append(_alibi_models._verdicts()))
+    thread = threading.Thread(target=lambda: seen.append(_alibi_checks._verdicts()))
     thread.start()
     thread.join()
-    assert seen[0] is not _alibi_models._verdicts()  # one table per thread
+    assert seen[0] is not _alibi_checks._verdicts()  # one table per thread

@@ -47,123 +47,26 @@ positions, and every gradient agree. Compare logits at unpadded positions only.
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from posenc_triton import alibi_attention
+from posenc_triton.integrations._alibi_checks import (
+    BLOOM,
+    FALCON,
+    MPT,
+    cached_verdict,
+    check_keys,
+    key_position_check,
+    mask_value_check,
+    model_slopes,
+    plain,
+    verdict,
+)
 from posenc_triton.integrations._hf import modeling
 
 __all__ = ["patch_alibi", "patched_alibi_layers", "unpatch_alibi"]
 
 _FLAG = "_posenc_check_masks"  # instance attribute set by patch_alibi
-_BLOOM = "transformers.models.bloom.modeling_bloom"
-_MPT = "transformers.models.mpt.modeling_mpt"
-_FALCON = "transformers.models.falcon.modeling_falcon"
-
-
-# ----------------------------------------------------------------------------------------
-# Slopes: cached per (model, heads, device), built outside inference mode
-# ----------------------------------------------------------------------------------------
-
-_SLOPES: dict[tuple[str, int, torch.device], torch.Tensor] = {}
-
-
-def _build_slopes(model: str, num_heads: int, device: torch.device) -> torch.Tensor:
-    if model == "bloom":
-        return modeling(_BLOOM)._get_alibi_slopes(num_heads, device).float()
-    # Falcon's own rounding: alibi at position 1 is bf16(m_h), as a float32 [H].
-    ones = torch.ones(1, 2, dtype=torch.long, device=device)
-    alibi = modeling(_FALCON).build_alibi_tensor(ones, num_heads, torch.float32)
-    return alibi[:, 0, 1].contiguous()
-
-
-def model_slopes(model: str, num_heads: int, device: torch.device) -> torch.Tensor:
-    """float32 ``[H]``: BLOOM's slopes (``"bloom"``) or Falcon's bf16-rounded ones."""
-    if torch.compiler.is_compiling():  # a constant of the graph, no Python-side cache
-        return _build_slopes(model, num_heads, device)
-    key = (model, num_heads, device)
-    slopes = _SLOPES.get(key)
-    if slopes is None:
-        # A normal tensor even under inference mode: a cache filled while serving must not
-        # hand an inference tensor to a later training step.
-        with torch.inference_mode(False):
-            slopes = _build_slopes(model, num_heads, device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return slopes  # lives in the graph's pool: this capture only
-        _SLOPES[key] = slopes
-    return slopes
-
-
-# ----------------------------------------------------------------------------------------
-# The mask / bias check: one verdict per forward, shared by its layers
-# ----------------------------------------------------------------------------------------
-
-_LOCAL = threading.local()
-
-
-def _verdicts() -> WeakIdKeyDictionary:
-    table = getattr(_LOCAL, "verdicts", None)
-    if table is None:
-        table = _LOCAL.verdicts = WeakIdKeyDictionary()
-    return table
-
-
-def _cached_verdict(bias: torch.Tensor, mask: torch.Tensor, shape: tuple, compute):
-    """``compute()``, once per (bias, mask, shape): the bias is built afresh by every model
-    forward and shared by its layers; the entry dies with it."""
-    if torch.compiler.is_compiling():
-        return compute()
-    table = _verdicts()
-    hit = table.get(bias)
-    if hit is not None and hit[0]() is mask and hit[1] == shape:
-        return hit[2]
-    verdict = compute()
-    table[bias] = (weakref.ref(mask), shape, verdict)
-    return verdict
-
-
-def _verdict(visible, seqlen_q, seqlen_k, checks, *, contiguous: bool):
-    """``(ok, key_padding_mask or None)``. ``visible [B, 1 or H, Sq, Sk]`` must be causal
-    (bottom-right) and the padding of its last query row; ``checks``: more bool scalars."""
-    kpm = visible[:, 0, -1, :]  # the last query row sees every kept key (bottom-right)
-    i = torch.arange(seqlen_q, device=visible.device).view(-1, 1) + (seqlen_k - seqlen_q)
-    j = torch.arange(seqlen_k, device=visible.device).view(1, -1)
-    expected = (j <= i)[None, None] & kpm[:, None, None, :]
-    checks = [(visible == expected).all(), *checks]
-    if contiguous:  # kept keys of each row form one run: pos = j - start on them
-        starts = kpm[:, :1].sum(-1) + (kpm[:, 1:] & ~kpm[:, :-1]).sum(-1)
-        checks.append((starts <= 1).all())
-    checks.append(kpm.all())
-    flags = torch.stack(checks).tolist()  # the one device-to-host read
-    if not all(flags[:-1]):
-        return False, None
-    return True, (None if flags[-1] else kpm)
-
-
-def _key_position_check(alibi, kpm, slopes, batch, num_heads, seqlen_k):
-    """``alibi == m_h * (cumsum(K) - 1) * K`` (in the slopes' precision) on the kept keys."""
-    kept = kpm.to(torch.int64)
-    pos = (kept.cumsum(-1) - 1) * kept
-    ref = (slopes[None, :, None] * pos[:, None, :]).to(alibi.dtype).float()
-    got = alibi.reshape(batch, num_heads, seqlen_k).float()
-    tol = 2 * torch.finfo(alibi.dtype).eps
-    return (((got - ref).abs() <= tol * ref.abs() + 1e-30) | ~kpm[:, None, :]).all()
-
-
-def _mask_value_check(mask, visible, expected):
-    """A float mask holds ``expected`` (0, or Falcon's folded alibi) where visible and
-    "minus infinity" elsewhere: no other bias hides in it."""
-    low = torch.finfo(mask.dtype).min / 2
-    return torch.where(visible, mask == expected, mask <= low).all()
-
-
-def _plain(module, training_dropout: float, verify: bool, **flags) -> bool:
-    """Whether a layer must run transformers' own forward before looking at its tensors."""
-    return (any(flags.values()) or (module.training and training_dropout > 0)
-            or (verify and torch.compiler.is_compiling()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,7 +81,7 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     num_heads, head_dim = self.num_heads, self.head_dim
     verify = getattr(self, _FLAG, True)
     ok = False
-    if not _plain(self, self.attention_dropout.p, verify, attentions=output_attentions,
+    if not plain(self, self.attention_dropout.p, verify, attentions=output_attentions,
                   head_mask=kwargs.get("head_mask") is not None, beta=self.beta != 1.0,
                   empty=seqlen_q == 0,
                   mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4,
@@ -197,15 +100,15 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
                 if not verify:
                     return True, visible[:, 0, -1, :]
                 checks = [] if mask.dtype == torch.bool else [
-                    _mask_value_check(mask, visible, torch.zeros((), dtype=mask.dtype,
+                    mask_value_check(mask, visible, torch.zeros((), dtype=mask.dtype,
                                                                  device=mask.device))]
-                ok, kpm = _verdict(visible, seqlen_q, seqlen_k, checks, contiguous=True)
-                if ok and not bool(_key_position_check(alibi, visible[:, 0, -1, :], slopes,
+                ok, kpm = verdict(visible, seqlen_q, seqlen_k, checks, contiguous=True)
+                if ok and not bool(key_position_check(alibi, visible[:, 0, -1, :], slopes,
                                                        batch, num_heads, seqlen_k)):
                     return False, None
                 return ok, kpm
 
-            ok, kpm = _cached_verdict(alibi, attention_mask, (batch, seqlen_q, seqlen_k), compute)
+            ok, kpm = cached_verdict(alibi, attention_mask, (batch, seqlen_q, seqlen_k), compute)
     if not ok:
         return super(_FusedBloom, self).forward(
             hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
@@ -215,7 +118,7 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     query, key, value = self._reshape(fused_qkv)  # [B, H, Sq, D] views
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    _check_keys(key.shape[-2], seqlen_k, "BloomAttention")
+    check_keys(key.shape[-2], seqlen_k, "BloomAttention")
     # bshd views (no copy): the output comes back contiguous [B, Sq, H, D].
     context = alibi_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes, is_causal=True, scale=float(self.inv_norm_factor),
@@ -232,14 +135,8 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
                 self.dense.weight[:, int(t * slices): int((t + 1) * slices)])
     else:
         output = self.dense(context)
-    output = modeling(_BLOOM).dropout_add(output, residual, self.hidden_dropout, self.training)
+    output = modeling(BLOOM).dropout_add(output, residual, self.hidden_dropout, self.training)
     return output, None
-
-
-def _check_keys(got: int, want: int, where: str) -> None:
-    if got != want:
-        raise RuntimeError(f"{where} (posenc_triton): {got} keys after the cache update but "
-                           f"the attention mask covers {want}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,7 +151,7 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
     batch, seqlen_q, _ = hidden_states.shape
     verify = getattr(self, _FLAG, True)
     ok = False
-    if not _plain(self, attn.attn_dropout_p, verify, attentions=output_attentions,
+    if not plain(self, attn.attn_dropout_p, verify, attentions=output_attentions,
                   empty=seqlen_q == 0,
                   mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
                   or attention_mask.dtype != torch.bool,
@@ -273,9 +170,9 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
                 length = position_bias.shape[-1]
                 ramp = torch.arange(1 - length, 1, device=slopes.device, dtype=torch.float32)
                 linear = (position_bias.float() == slopes[:, None, None] * ramp).all()
-                return _verdict(visible, seqlen_q, seqlen_k, [linear], contiguous=False)
+                return verdict(visible, seqlen_q, seqlen_k, [linear], contiguous=False)
 
-            ok, kpm = _cached_verdict(position_bias, attention_mask,
+            ok, kpm = cached_verdict(position_bias, attention_mask,
                                       (batch, seqlen_q, seqlen_k), compute)
     if not ok:
         return super(_FusedMpt, self).forward(
@@ -293,7 +190,7 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
         key, value = layer_past.update(key.transpose(1, 2), value.transpose(1, 2),
                                        attn.layer_idx, kwargs={})
         key, value = key.transpose(1, 2), value.transpose(1, 2)
-    _check_keys(key.shape[1], seqlen_k, "MptAttention")
+    check_keys(key.shape[1], seqlen_k, "MptAttention")
     context = alibi_attention(query, key, value, slopes, is_causal=True,
                               scale=float(attn.softmax_scale), layout="bshd",
                               key_padding_mask=kpm)
@@ -316,7 +213,7 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     num_heads, head_dim = self.num_heads, self.head_dim
     verify = getattr(self, _FLAG, True)
     ok = False
-    if not _plain(self, self.attention_dropout.p, verify, attentions=output_attentions,
+    if not plain(self, self.attention_dropout.p, verify, attentions=output_attentions,
                   empty=seqlen_q == 0, alibi=not isinstance(alibi, torch.Tensor),
                   mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
                   or not attention_mask.is_floating_point()):
@@ -332,15 +229,15 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
                     return True, visible[:, 0, -1, :]
                 # FalconModel folds alibi / sqrt(D) into the mask: exactly that, nothing else.
                 folded = alibi.reshape(batch, num_heads, 1, seqlen_k) / (head_dim ** 0.5)
-                checks = [_mask_value_check(mask, visible, folded.to(mask.dtype))]
-                ok, kpm = _verdict(visible, seqlen_q, seqlen_k, checks, contiguous=True)
-                if ok and not bool(_key_position_check(alibi, visible[:, 0, -1, :],
+                checks = [mask_value_check(mask, visible, folded.to(mask.dtype))]
+                ok, kpm = verdict(visible, seqlen_q, seqlen_k, checks, contiguous=True)
+                if ok and not bool(key_position_check(alibi, visible[:, 0, -1, :],
                                                        slopes.bfloat16(), batch, num_heads,
                                                        seqlen_k)):
                     return False, None
                 return ok, kpm
 
-            ok, kpm = _cached_verdict(alibi, attention_mask, (batch, seqlen_q, seqlen_k), compute)
+            ok, kpm = cached_verdict(alibi, attention_mask, (batch, seqlen_q, seqlen_k), compute)
     if not ok:
         return super(_FusedFalcon, self).forward(
             hidden_states, alibi, attention_mask, position_ids=position_ids,
@@ -355,7 +252,7 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     value = value.transpose(1, 2).reshape(batch, num_kv_heads, seqlen_q, head_dim)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    _check_keys(key.shape[-2], seqlen_k, "FalconAttention")
+    check_keys(key.shape[-2], seqlen_k, "FalconAttention")
     # SDPA adds the folded alibi / sqrt(D) once; the eager path adds alibi * inv_norm too.
     times = 1.0 if self.config._attn_implementation == "sdpa" else 2.0
     context = alibi_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -394,9 +291,9 @@ class _FusedFalcon(_Fused):
 
 # model name -> (modeling module, class to swap, mixin)
 MODELS = {
-    "bloom": (_BLOOM, "BloomAttention", _FusedBloom),
-    "mpt": (_MPT, "MptBlock", _FusedMpt),
-    "falcon": (_FALCON, "FalconAttention", _FusedFalcon),
+    "bloom": (BLOOM, "BloomAttention", _FusedBloom),
+    "mpt": (MPT, "MptBlock", _FusedMpt),
+    "falcon": (FALCON, "FalconAttention", _FusedFalcon),
 }
 
 _FUSED_CLASSES: dict[type, type] = {}  # original class -> its fused subclass
