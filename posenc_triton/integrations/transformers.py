@@ -246,6 +246,15 @@ def patch_rope(model_or_module=None) -> list[str]:
             f"{_FUNC_NAME} function. patch_rope supports models that rotate q and k with "
             f"Llama's {_FUNC_NAME} (Llama, Mistral, Qwen2, ...); models with ALiBi (BLOOM) or "
             f"learned absolute positions (GPT-2) have nothing to patch")
+    if from_model and getattr(getattr(model_or_module, "config", None), "model_type",
+                              None) in ARCHITECTURES:
+        model_type, kinds = _kinds(model_or_module)
+        if "rope/rotate_half" not in kinds:
+            # e.g. DeepSeek-V3 defines apply_rotary_pos_emb but rotates with
+            # apply_rotary_pos_emb_interleave: patching it would report a patch that never runs.
+            raise ValueError(f"cannot patch RoPE into {what}: its {model_type} layers do not "
+                             f"rotate with the rotate-half {_FUNC_NAME} ({', '.join(kinds)}); "
+                             f"use posenc_triton.integrations.transformers.apply(model)")
     kind = KINDS["rotate_half"]
     good, bad = [], []
     for mod in candidates:
