@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
+import pkgutil
 import subprocess
 import time
 from pathlib import Path
@@ -65,16 +67,19 @@ class Case:
 
 
 def compiled_variants() -> dict:
-    """``{kernel: binaries built so far}`` for our ``@triton.jit`` kernels (autotuning
-    included; none under the interpreter), from each kernel's per-device cache."""
+    """``{kernel: binaries built so far}`` for the ``@triton.jit`` kernels of every module of
+    ``posenc_triton.kernels`` (autotuning included; none under the interpreter), from each
+    kernel's per-device cache."""
     from triton.runtime.jit import JITFunction
 
-    from posenc_triton.kernels import alibi_attention, rope
+    from posenc_triton import kernels
 
-    counts = {}
-    for module in (rope, alibi_attention):
+    counts, seen = {}, set()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for name, fn in vars(module).items():
-            if isinstance(fn, JITFunction):
+            if isinstance(fn, JITFunction) and id(fn) not in seen:  # once if re-imported
+                seen.add(id(fn))
                 caches = getattr(fn, "device_caches", None) or {}
                 counts[name] = sum(len(c[0]) for c in caches.values())
     return counts

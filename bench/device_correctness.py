@@ -9,6 +9,7 @@ entry per tensor with its error and ``ok``. Tiny shapes in the dry run (Triton's
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional
 
 import torch
@@ -145,11 +146,15 @@ class AlibiCheck:
     tiny_lengths: tuple = ()
     batch_slopes: bool = False  # random [B, Hq] slopes instead of the default [Hq]
     scale: Optional[float] = None
+    cache: bool = False  # KV cache: cache_seqlens [B] of Sk, Sk/2 + 7, 1, 3Sk/4 (fwd only)
 
     def __call__(self, dry: bool) -> dict:
         import posenc_triton
         from posenc_triton import reference
 
+        if self.cache and "cache_seqlens" not in inspect.signature(
+                posenc_triton.alibi_attention).parameters:
+            return {"status": "skipped: no cache_seqlens in this version"}
         b, hq, hk, sq, sk, d = self.tiny if dry else self.shape
         dev, lengths = common.DEVICE, self.tiny_lengths if dry else self.lengths
         kw = {"is_causal": self.causal, "scale": self.scale}
@@ -175,14 +180,24 @@ class AlibiCheck:
         else:
             kw.update(layout=self.layout,
                       key_padding_mask=key_mask(self.mask, b, sk) if self.mask else None)
+            cache = torch.tensor([sk, sk // 2 + 7, 1, 3 * sk // 4] * b, device=dev)[:b]
 
             def ours(q, k, v):
-                return (posenc_triton.alibi_attention(q, k, v, slopes, **kw),)
+                extra = {"cache_seqlens": cache} if self.cache else {}
+                return (posenc_triton.alibi_attention(q, k, v, slopes, **kw, **extra),)
 
             def ref(q, k, v, upcast):
+                if self.cache:
+                    return (reference.alibi_attention_kvcache_reference(
+                        q, k, v, cache, slopes, upcast=upcast, **kw),)
                 return (reference.alibi_attention_reference(q, k, v, slopes, upcast=upcast,
                                                             **kw),)
         poison_freed(*inputs, inputs[0])
+        if self.cache:  # inference only
+            with torch.no_grad():
+                out, out64 = ours(*inputs)[0], ref(*(t.double() for t in inputs), True)[0]
+                return {"checks": [error_rule("out", out, out64, ref(*inputs, False)[0],
+                                              self.dtype)]}
         outs, grads, grad_outs = fwd_bwd(ours, inputs)
         outs64, grads64, _ = fwd_bwd(lambda *t: ref(*t, True), [t.double() for t in inputs],
                                      [g.double() for g in grad_outs])
@@ -199,15 +214,15 @@ def correctness_cases(dry: bool) -> list:
     sizes (``tiny`` in the dry run)."""
     rope = [  # (B, S, Hq, Hk, D, R)
         (RopeCheck("rope bf16 rotate-half bshd GQA q[4,4096,32,128] k8", BF16,
-                   (4, 4096, 32, 8, 128, 128), (2, 24, 4, 2, 32, 32)), 10),
+                   (4, 4096, 32, 8, 128, 128), (2, 24, 4, 2, 32, 32)), 6),
         (RopeCheck("rope fp16 interleaved bhsd R64 of D80 position_ids q[2,3000,12,80] k4", FP16,
                    (2, 3000, 12, 4, 80, 64), (2, 19, 3, 1, 40, 24), interleaved=True,
-                   layout="bhsd", positions="ids"), 8),
+                   layout="bhsd", positions="ids"), 6),
         (RopeCheck("rope fp32 fused-QKV views seqlen_offsets[B] q[2,2048,8,256] k2", FP32,
                    (2, 2048, 8, 2, 256, 256), (2, 13, 2, 1, 64, 64), positions="offsets",
-                   fused=True), 8),
+                   fused=True), 6),
         (RopeCheck("rope bf16 decode S=1 seqlen_offsets[B] B64 q32 k8 D128", BF16,
-                   (64, 1, 32, 8, 128, 128), (3, 1, 4, 2, 32, 32), positions="offsets"), 5),
+                   (64, 1, 32, 8, 128, 128), (3, 1, 4, 2, 32, 32), positions="offsets"), 4),
     ]
     packed = bench_alibi.PACKED_LENGTHS
     alibi = [  # (B, Hq, Hk, Sq, Sk, D)
@@ -238,9 +253,16 @@ def correctness_cases(dry: bool) -> list:
                     (1, 4, 4, 8192, 8192, 128), (1, 2, 2, 33, 33, 32), scale=0.05), 20),
         (AlibiCheck("alibi bf16 decode B4 Hq32 Hk8 Sq1 Sk4097 D128", BF16,
                     (4, 32, 8, 1, 4097, 128), (2, 4, 2, 1, 33, 32)), 15),
+        (AlibiCheck("alibi fp16 chunked prefill B1 H8 Sq48 Sk6000 D128", FP16,
+                    (1, 8, 8, 48, 6000, 128), (1, 2, 2, 5, 40, 32)), 15),
+        (AlibiCheck("alibi bf16 KV cache (cache_seqlens) fwd B4 Hq32 Hk8 Sq4 Sk4097 D128",
+                    BF16, (4, 32, 8, 4, 4097, 128), (4, 4, 2, 2, 40, 32), cache=True), 10),
     ]
-    cases = [(check.name, lambda c=check: c(dry), estimate) for check, estimate in rope + alibi]
-    return [*cases, ("rope bf16 q[130,4096,32,128] past 2^31 elements",
-                     lambda: rope_past_2_31(dry), 15)]
+    def case(check, estimate):
+        return check.name, lambda: check(dry), estimate
+
+    return [*(case(*c) for c in rope),
+            ("rope bf16 q[130,4096,32,128] past 2^31 elements", lambda: rope_past_2_31(dry), 15),
+            *(case(*c) for c in alibi)]
 
 

@@ -160,6 +160,10 @@ def cli() -> int:
 
         return main(sys.argv[2:])
     args = common.parse_args(__doc__, runner=True)
+    if args.device_check:  # one budgeted call for a lent GPU
+        from .device_check import cli as device_check
+
+        return device_check(args)
     if common.HAS_CUDA or args.cpu_dry_run:
         return benchmarks(args)
     return smoke_test(args.out)

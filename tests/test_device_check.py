@@ -45,7 +45,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert len(correctness) >= 15
     for row in correctness:
         assert row["checks"] and all(c["ok"] for c in row["checks"]), row
-        assert len(row["checks"]) >= 3, row  # outputs and gradients
+        assert len(row["checks"]) >= (1 if " fwd " in row["case"] else 3), row  # and grads
     assert {"rope", "alibi"} <= data["timing"].keys()
     ours = [r for r in data["timing"]["alibi"] if r["impl"] == "ours"]
     assert {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}
