@@ -27,6 +27,7 @@ MOE = {"num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
 # models; ids name the class when one model type has several.
 MODELS = {
     "llama": ("llama", {}),
+    "smollm3": ("smollm3", {"no_rope_layers": [1, 0]}),
     "mistral": ("mistral", {}),
     "mixtral": ("mixtral", MOE),
     "qwen2": ("qwen2", {}),
@@ -50,6 +51,8 @@ MODELS = {
     "helium": ("helium", {"head_dim": 16}),
     "ernie4_5": ("ernie4_5", {"head_dim": 16}),
     "cohere": ("cohere", {}),
+    "cohere2": ("cohere2", {"layer_types": ["sliding_attention", "full_attention"],
+                            "sliding_window": 8}),
     "gptj": ("gptj", {"rotary_dim": 8}),
     "codegen": ("codegen", {"rotary_dim": 8}),
     "deepseek_v3": ("deepseek_v3", {
@@ -178,8 +181,9 @@ def test_patched_matches_unpatched(name, launches):
     assert hf.apply(model) is model
     assert hf.apply(model) is model  # twice: a no-op
     layers = hf.patched_layers(model)
-    expected = sum(model.config.no_rope_layers) if name == "llama4_text" else \
-        model.config.num_hidden_layers  # Llama-4: its NoPE layer is not a RoPE layer
+    # NoPE layers (Llama-4, SmolLM3) and Cohere-2's global layers are no RoPE layers.
+    expected = {"llama4_text": 1, "smollm3": 1, "cohere2": 1}.get(
+        name, model.config.num_hidden_layers)
     assert len(layers) == expected, layers
     per_layer, (p_logits, p_loss, p_grads) = launches_per_layer(
         model, launches, lambda: model_step(model, inputs))

@@ -157,14 +157,17 @@ def _forward_of(module: torch.nn.Module):
     return fwd if isinstance(fwd, types.FunctionType) else None
 
 
-def rope_sites(model: torch.nn.Module, kinds) -> list[tuple[str, types.ModuleType, RopeKind]]:
+def rope_sites(model: torch.nn.Module, kinds, rotates: Optional[Callable] = None
+               ) -> list[tuple[str, types.ModuleType, RopeKind]]:
     """``(layer path, modeling module, kind)`` for every submodule whose ``forward`` calls
-    the global that one of ``kinds`` replaces; a layer declaring ``use_rope = False``
-    (Llama-4's NoPE layers) is not a RoPE layer."""
+    the global that one of ``kinds`` replaces. Not RoPE layers: those declaring
+    ``use_rope = False`` (Llama-4's and SmolLM3's NoPE layers) and, given ``rotates``, those
+    for which ``rotates(layer)`` is false (the model's own condition around the call)."""
     sites = []
     for path, sub in model.named_modules():
         fwd = _forward_of(sub)
-        if fwd is None or fwd is torch.nn.Module.forward or not getattr(sub, "use_rope", True):
+        if (fwd is None or fwd is torch.nn.Module.forward or not getattr(sub, "use_rope", True)
+                or (rotates is not None and not rotates(sub))):
             continue
         mod = sys.modules.get(fwd.__module__)
         if mod is None or mod.__dict__ is not fwd.__globals__:
@@ -218,10 +221,11 @@ def restore(module_names, function: Optional[str] = None) -> list[str]:
     return restored
 
 
-def patched_rope_layers(model: torch.nn.Module) -> dict[str, list[str]]:
+def patched_rope_layers(model: torch.nn.Module, rotates: Optional[Callable] = None
+                        ) -> dict[str, list[str]]:
     """``{layer path: [kind names]}`` of the layers whose forward now calls a drop-in."""
     layers: dict[str, list[str]] = {}
-    for path, mod, kind in rope_sites(model, KINDS.values()):
+    for path, mod, kind in rope_sites(model, KINDS.values(), rotates):
         if getattr(mod, kind.function) is kind.dropin:
             layers.setdefault(path, []).append(f"rope/{kind.name}")
     return layers

@@ -76,7 +76,7 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
     # rotate-half, full width
     "llama": _HALF, "mistral": _HALF, "mixtral": _HALF, "qwen2": _HALF, "qwen3": _HALF,
     "qwen3_moe": _HALF, "gemma": _HALF, "gemma2": _HALF, "granite": _HALF,
-    "starcoder2": _HALF,
+    "starcoder2": _HALF, "smollm3": _HALF,
     # rotate-half, partial width (inside the function or sliced by the attention)
     "phi": _HALF, "phi3": _HALF, "gpt_neox": _HALF, "stablelm": _HALF, "persimmon": _HALF,
     "nemotron": _HALF,
@@ -85,7 +85,7 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
     # interleaved pairs
     "glm": ("rope/interleaved",), "glm4": ("rope/interleaved",),
     "helium": ("rope/interleaved",), "ernie4_5": ("rope/interleaved_fp32",),
-    "cohere": ("rope/cohere",),
+    "cohere": ("rope/cohere",), "cohere2": ("rope/cohere",),
     "gptj": ("rope/gptj",), "codegen": ("rope/gptj",),
     # de-interleave, then rotate the rope sub-dimension (MLA)
     "deepseek_v3": _deepseek,
@@ -95,6 +95,13 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
     "llama4_text": ("rope/complex",),
     # ALiBi (Falcon: RoPE unless config.alibi)
     "bloom": ("alibi/bloom",), "mpt": ("alibi/mpt",), "falcon": _falcon,
+}
+
+
+#: ``model_type`` -> which of its layers rotate, where the attention calls the RoPE function
+#: under a condition of its own (Cohere-2: only its sliding-window layers use RoPE).
+ROPE_LAYERS: dict[str, Callable] = {
+    "cohere2": lambda layer: getattr(layer, "sliding_window", None) is not None,
 }
 
 
@@ -139,7 +146,7 @@ def apply(model: torch.nn.Module, *, check_masks: bool = True) -> torch.nn.Modul
     model_type, kinds = _kinds(model)
     rope = [KINDS[k.split("/", 1)[1]] for k in kinds if k.startswith("rope/")]
     if rope:
-        sites = _rope_patch.rope_sites(model, rope)
+        sites = _rope_patch.rope_sites(model, rope, ROPE_LAYERS.get(model_type))
         if not sites:
             names = ", ".join(sorted({k.function for k in rope}))
             raise ValueError(f"cannot patch {model_type} model {type(model).__name__}: no layer "
@@ -173,7 +180,9 @@ def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
     e.g. ``{"model.layers.0.self_attn": ["rope/rotate_half"]}``; empty when none."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return {**_rope_patch.patched_rope_layers(model), **_alibi_models.patched_alibi_layers(model)}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    rope = _rope_patch.patched_rope_layers(model, ROPE_LAYERS.get(model_type))
+    return {**rope, **_alibi_models.patched_alibi_layers(model)}
 
 
 # ----------------------------------------------------------------------------------------
