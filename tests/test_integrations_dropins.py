@@ -143,3 +143,20 @@ def test_dropin_errors():
         _rope_dropins.fused_apply_rotary_pos_emb_cohere(q, q, cos[..., :7], cos[..., :7])
     with pytest.raises(TypeError, match=r"q must be a torch\.Tensor"):
         _rope_dropins.fused_apply_rotary_pos_emb_single("x", cos, cos)
+
+
+def test_token_rows_cache_filled_under_inference_mode_serves_training():
+    # q/k that cannot merge [B, S] (a slice of a longer sequence) take the cached token-row
+    # positions; filled while serving, the cache must hold no inference tensor.
+    _rope_dropins._ROWS_CACHE.clear()
+    cos, sin = tables(KINDS["rotate_half"], 3, 6, 8, torch.float32)
+    q = torch.randn(3, 9, 2, 8, device=DEVICE)[:, 2:8].transpose(1, 2)
+    with torch.inference_mode():
+        _rope_dropins.fused_apply_rotary_pos_emb(q, q, cos, sin)
+    assert _rope_dropins._ROWS_CACHE
+    assert not any(t.is_inference() for t in _rope_dropins._ROWS_CACHE.values())
+    base = torch.randn(3, 9, 2, 8, device=DEVICE, requires_grad=True)
+    q_out, _ = _rope_dropins.fused_apply_rotary_pos_emb(base[:, 2:8].transpose(1, 2), None,
+                                                        cos, sin)  # the cached rows again
+    q_out.square().sum().backward()
+    assert torch.isfinite(base.grad).all() and base.grad[:, 2:8].abs().sum() > 0
