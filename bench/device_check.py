@@ -228,6 +228,7 @@ def run_case(case: Case) -> dict:
     try:
         with one_config_per_key() if case.step == "correctness" else contextlib.nullcontext():
             row.update(case.run())
+            common.sync()  # an asynchronous CUDA error belongs to this case, not the next
         failed = [c for c in row.get("checks", ()) if not c["ok"]] or row.get("failed")
         row.setdefault("status", "FAIL" if failed else "ok")
     except Exception as exc:  # one case must not end a lease's run
@@ -317,9 +318,10 @@ def markdown(state: dict, start: float) -> str:
         detail = r.get("note") or ", ".join(r.get("failed") or []) or "; ".join(
             f"{c['tensor']} {c['err']:.2e}" + ("" if c["ok"] else " FAIL")
             for c in r.get("checks", ()))
-        lines.append(f"| {r['step']} | {r['case']} | {r['status']} | "
-                     f"{r.get('seconds', 0):.1f} | {r['estimate_s']:.0f} | "
-                     f"{sum(r.get('compiled', {}).values())} | {detail} |")
+        status, detail = (text.replace("|", "\\|") for text in (r["status"], detail))
+        lines.append(f"| {r['step']} | {r['case']} | {status} | {r.get('seconds', 0):.1f} | "
+                     f"{r['estimate_s']:.0f} | {sum(r.get('compiled', {}).values())} | "
+                     f"{detail} |")
     for report in state.get("reports", {}).values():
         lines += [f"\n{table}" for table in report.tables]
     if state.get("winners") is not None:
