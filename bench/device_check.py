@@ -106,13 +106,17 @@ def autotuners() -> list:
 
 
 def winners() -> dict:
-    """``{kernel: {"best_config": last pick, "by_key": {autotune key: config}}}``."""
+    """``{kernel: {"best_config": last pick, "by_key": {autotune key: config},
+    "last_timings_ms": {config: median ms}}}``, the timings of the last key tuned."""
     out = {}
     for tuner in autotuners():
         name = getattr(tuner, "base_fn", tuner.fn).__name__
         best = getattr(tuner, "best_config", None)
+        timings = getattr(tuner, "configs_timings", None) or {}
         out[name] = {"best_config": None if best is None else str(best),
-                     "by_key": {str(key): str(cfg) for key, cfg in tuner.cache.items()}}
+                     "by_key": {str(key): str(cfg) for key, cfg in tuner.cache.items()},
+                     "last_timings_ms": {str(cfg): t[0] if isinstance(t, (list, tuple)) else t
+                                         for cfg, t in timings.items()}}
     return out
 
 
@@ -122,6 +126,7 @@ def winner_lines(found: dict) -> list:
     for kernel, tuned in found.items():
         lines.append(f"- `{kernel}`: last pick {tuned['best_config'] or 'none (never tuned)'}")
         lines += [f"  - key {key}: {cfg}" for key, cfg in tuned["by_key"].items()]
+        lines += [f"  - {ms:.4f} ms: {cfg}" for cfg, ms in tuned["last_timings_ms"].items()]
     return lines or ["none"]
 
 

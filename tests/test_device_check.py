@@ -164,11 +164,15 @@ def test_one_config_per_key(monkeypatch):
 def test_winners_read_any_autotuner(monkeypatch):
     tuner = triton.autotune([triton.Config({"BLOCK": 16})], key=["n"])(_store_block)
     monkeypatch.setattr(device_check, "autotuners", lambda: [tuner])
-    assert device_check.winners() == {"_store_block": {"best_config": None, "by_key": {}}}
+    assert device_check.winners() == {"_store_block": {"best_config": None, "by_key": {},
+                                                       "last_timings_ms": {}}}
     tuner.cache[(7,)] = tuner.best_config = tuner.configs[0]
+    tuner.configs_timings = {tuner.configs[0]: [0.25, 0.2, 0.3]}
     found = device_check.winners()["_store_block"]
     assert "BLOCK: 16" in found["best_config"] and list(found["by_key"]) == ["(7,)"]
-    assert any("BLOCK: 16" in line for line in device_check.winner_lines({"k": found}))
+    assert list(found["last_timings_ms"].values()) == [0.25]
+    lines = device_check.winner_lines({"k": found})
+    assert any("BLOCK: 16" in line for line in lines) and any("0.2500 ms" in x for x in lines)
 
 
 @cpu_only
