@@ -15,15 +15,10 @@ if not HAS_CUDA:
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-# Element-wise tolerances (rtol, atol) by dtype, for kernels compared with a float64 reference.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-# IEEE fp32 attention backward sums more products than the forward.
-FP32_BWD_ATOL = 5e-5
+# Element-wise tolerances (rtol, atol) by dtype, for kernels compared with a float64 reference,
+# and the fp32 attention backward's atol (it sums more products than the forward): one table,
+# shared with the GPU's correctness check (posenc-bench --device-check).
+from posenc_triton.bench.device_correctness import FP32_BWD_ATOL, TOLERANCES  # noqa: E402, F401
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
