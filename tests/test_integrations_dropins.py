@@ -14,7 +14,7 @@ from conftest import DEVICE, count_calls_of
 
 pytest.importorskip("transformers")
 
-from posenc_triton.integrations import _rope_dropins
+from posenc_triton.integrations import _rope_dropins, _rope_patch
 from posenc_triton.integrations._rope_patch import KINDS, probe
 
 # kind -> (transformers model whose function it replaces, partial width accepted there)
@@ -35,7 +35,7 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 def original(kind):
     model = CASES[kind.name][0]
     mod = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
-    return getattr(mod, kind.function)
+    return _rope_patch.original(mod, kind.function)  # transformers' own, even if patched
 
 
 def tables(kind, batch, seqlen, rot, dtype):

@@ -13,7 +13,7 @@ from conftest import DEVICE, count_calls_of, model_step
 
 transformers = pytest.importorskip("transformers")
 
-from posenc_triton.integrations import _alibi_models, _rope_dropins  # noqa: E402
+from posenc_triton.integrations import _alibi_models, _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
 
 BASE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -110,7 +110,9 @@ def batch_inputs(padding="right"):
 @pytest.fixture(autouse=True)
 def restore_transformers():
     yield
-    hf.unpatch_rope()  # every module patched so far, whichever test failed
+    # Every function patched so far, of every kind, whichever test failed.
+    _rope_patch.restore({name for name, _ in _rope_patch._ORIGINALS})
+    assert not _rope_patch._ORIGINALS
 
 
 @pytest.fixture
