@@ -65,6 +65,10 @@ MODELS = {
         "laurel_rank": 8, "num_kv_shared_layers": 0, "altup_num_inputs": 2,
         "activation_sparsity_pattern": [0.0, 0.0],
         "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma4_text": ("gemma4_text", {  # its full-attention layer: proportional RoPE
+        "head_dim": 16, "global_head_dim": 16, "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 128, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"]}),
     "llama4_text": ("llama4_text", {
         "head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 2,
         "num_experts_per_tok": 1, "attention_chunk_size": 64, "no_rope_layers": [1, 0]}),
@@ -293,3 +297,16 @@ def test_patch_rope_refuses_a_patch_that_would_not_run():
         with pytest.raises(ValueError, match=r"do not rotate with the rotate-half.*apply\(model\)"):
             hf.patch_rope(make_model(name))
     assert hf.patched_modules() == []
+
+
+def test_gemma4_proportional_rope_frequencies():
+    # Gemma-4's full-attention layers use rope type "proportional": rope_frequencies agrees.
+    from posenc_triton import rope_frequencies
+
+    model = make_model("gemma4_text")
+    params = model.config.rope_parameters["full_attention"]
+    assert params["rope_type"] == "proportional"
+    want = model.model.rotary_emb.full_attention_original_inv_freq
+    got, scale = rope_frequencies(16, params["rope_theta"], params)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert scale == 1.0 and (got[2:] == 0).all()

@@ -90,7 +90,7 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
     # de-interleave, then rotate the rope sub-dimension (MLA)
     "deepseek_v3": _deepseek,
     # one tensor per call
-    "gemma3n_text": ("rope/single",),
+    "gemma3n_text": ("rope/single",), "gemma4_text": ("rope/single",),
     # complex freqs_cis (its NoPE layers, use_rope=False, untouched)
     "llama4_text": ("rope/complex",),
     # ALiBi (Falcon: RoPE unless config.alibi)
