@@ -310,3 +310,17 @@ def test_gemma4_proportional_rope_frequencies():
     got, scale = rope_frequencies(16, params["rope_theta"], params)
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
     assert scale == 1.0 and (got[2:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["mpt", "falcon-alibi"])
+def test_fused_alibi_layers_pickle_and_are_per_instance(name):
+    import io
+
+    model, other = make_model(name), make_model(name)
+    hf.apply(model)
+    assert len(hf.patched_layers(model)) == 2 and hf.patched_layers(other) == {}
+    buf = io.BytesIO()  # the fused classes resolve by name: a patched model pickles whole
+    torch.save(model, buf)
+    buf.seek(0)
+    assert hf.patched_layers(torch.load(buf, weights_only=False)) == hf.patched_layers(model)
+    assert model.state_dict().keys() == other.state_dict().keys()
