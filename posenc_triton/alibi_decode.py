@@ -29,7 +29,7 @@ MIN_SEQLEN_K = 512
 # Keys per split; None picks it by shape. Tests set it to get several splits on tiny shapes.
 SPLIT_SIZE: Optional[int] = None
 _MAX_SPLITS = 128
-_MIN_KEYS_PER_SPLIT = 256  # below this the partials' traffic and the merge cost more
+_MIN_KEYS_PER_SPLIT = 128  # two K/V tiles: below this the partials and the merge cost more
 _MAX_BLOCK_M = 64
 _MERGE_BLOCK_M = 16
 _INTERPRETER_BLOCK_N = 16
@@ -68,15 +68,19 @@ def _tiles(q: torch.Tensor, rows: int) -> dict:
     """``BLOCK_*`` and launch options of the split kernel for ``rows`` packed query rows.
 
     Fixed rather than autotuned: a decode step is short enough that the autotuner's key
-    costs host time, and one tile is memory-bound at every size. Two ``BLOCK_N``-row K/V
-    tiles per stage fit sm_90's shared memory at every head dim and dtype."""
+    costs host time, and one tile is memory-bound at every size. Sized so that no config
+    spills on sm_90 (``ptxas -v``, specialised as launched): up to 64 rows in fp16/bf16,
+    ``4096 / BLOCK_D`` in fp32 (IEEE products run on the FMA units, in registers); 8 warps
+    from 16 KiB of query tile; two ``BLOCK_N``-row K/V tiles per stage in shared memory."""
     interpreting = _backend.interpreting()
     block_d = max(16, _backend.next_power_of_2(q.shape[-1]))
     row_bytes = block_d * q.element_size()
+    max_m = _MAX_BLOCK_M if q.element_size() == 2 else max(16, 4096 // block_d)
+    block_m = min(max_m, max(16, _backend.next_power_of_2(rows)))
     return {
-        "BLOCK_M": min(_MAX_BLOCK_M, max(16, _backend.next_power_of_2(rows))),
+        "BLOCK_M": block_m,
         "BLOCK_N": _INTERPRETER_BLOCK_N if interpreting else 64 if row_bytes <= 256 else 32,
-        "num_warps": 4,
+        "num_warps": 8 if block_m * row_bytes >= 16384 else 4,
         "num_stages": 1 if interpreting else 3 if row_bytes <= 256 else 2,
     }
 

@@ -14,8 +14,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from posenc_triton import alibi_decode as decode_ops
 from posenc_triton import alibi_ops
-from posenc_triton.kernels import alibi_attention, rope
+from posenc_triton.kernels import alibi_attention, alibi_decode, rope
 
 SM90 = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block
@@ -90,6 +91,38 @@ def cases():
                 "IS_VARLEN": True, "INPUT_PRECISION": None, "INTERPRETER": False,
                 "BLOCK_M": 64, "BLOCK_N": 64, "seqlen_q": 1, "SQ_BUCKET": 1, "group": 1}
         yield f"alibi {name} D=64 varlen=True Sq=1 group=1", kernel, ATTN_TYPES, meta, 4, 2
+    yield from decode_cases()
+
+
+def decode_cases():
+    """The split-KV decode kernels with the tiles ``alibi_decode._tiles`` picks: GQA decode
+    (Sq = 1, mask and cache lengths), the largest tiles (64 rows at D = 256, bf16 and fp32),
+    packed MHA decode with Triton's constant ones, and the merge."""
+    import torch
+
+    types = {**ATTN_TYPES, "OP": "*fp32", "LP": "*fp32", "SEQLENS": "*i32"}
+    for dtype, head_dim, rows, masked, varlen, extra in (
+            (torch.bfloat16, 128, 4, True, False, {"seqlen_q": 1}),
+            (torch.bfloat16, 256, 64, False, False, {}),
+            (torch.float32, 256, 64, False, False, {}),
+            (torch.bfloat16, 64, 1, False, True, {"seqlen_q": 1, "group": 1})):
+        tiles = decode_ops._tiles(torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta"),
+                                  rows)
+        num_warps, num_stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+        fp32 = dtype == torch.float32
+        meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
+                "HAS_KEY_MASK": masked, "HAS_SEQLENS": masked, "IS_VARLEN": varlen,
+                "INPUT_PRECISION": "ieee" if fp32 else None, "INTERPRETER": False,
+                **tiles, **extra}
+        yield (f"alibi decode split D={head_dim} rows={rows} mask+seqlens={masked} "
+               f"varlen={varlen} fp32={fp32} {tuple(tiles.values())}",
+               alibi_decode._alibi_decode_split, ATTN_TYPES_FP32 | types if fp32 else types,
+               meta, num_warps, num_stages)
+    for head_dim in (128, 256):
+        meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": decode_ops._MERGE_BLOCK_M,
+                "INTERPRETER": False}
+        yield (f"alibi decode merge D={head_dim}", alibi_decode._alibi_decode_merge,
+               {"OP": "*fp32", "LP": "*fp32", "O": "*bf16", "LSE": "*fp32"}, meta, 4, 1)
 
 
 def main() -> int:

@@ -33,8 +33,9 @@ from posenc_triton.reference import (
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (B, Hq, Hk, Sq, Sk, D): MHA, GQA 4, GQA 3 (non-power-of-two), MQA with 48 packed rows
-SHAPES = [(2, 4, 4, 1, 77, 40), (1, 8, 2, 3, 50, 32), (2, 6, 2, 5, 61, 80), (1, 3, 1, 16, 129, 16)]
+# (B, Hq, Hk, Sq, Sk, D), dtype: MHA, GQA 4, GQA 3 (non-power-of-two), MQA with 48 packed rows
+SHAPES = [((2, 4, 4, 1, 77, 40), torch.float32), ((1, 8, 2, 3, 50, 32), torch.bfloat16),
+          ((2, 6, 2, 5, 61, 80), torch.float16), ((1, 3, 1, 16, 129, 16), torch.bfloat16)]
 
 
 def _make_qkv(b, hq, hk, sq, sk, d, dtype, layout="bhsd"):
@@ -85,8 +86,8 @@ def _check(inputs, slopes=None, *, fast=alibi_attention, reference=alibi_attenti
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hk{}Sq{}Sk{}D{}".format(*s))
+@pytest.mark.parametrize("shape,dtype", SHAPES,
+                         ids=["B{}Hq{}Hk{}Sq{}Sk{}D{}".format(*s) for s, _ in SHAPES])
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_matches_reference(split, is_causal, shape, dtype):
     calls = split(16)
@@ -95,7 +96,16 @@ def test_matches_reference(split, is_causal, shape, dtype):
     assert calls, "the split path did not run"
 
 
-@pytest.mark.parametrize("size", [16, 32, 48, 1024])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(split, dtype):
+    """Every dtype on one GQA shape (bf16 catches the interpreter's bf16 dot)."""
+    calls = split(32)
+    torch.manual_seed(18)
+    _check(_make_qkv(2, 6, 2, 2, 70, 24, dtype))
+    assert calls
+
+
+@pytest.mark.parametrize("size", [16, 48, 1024])
 def test_split_sizes_equal_dense(split, size):
     """Any number of splits (several, uneven, one) gives the dense path's out and lse."""
     torch.manual_seed(2)
@@ -136,8 +146,8 @@ def test_custom_slopes_and_scale(split, per_batch):
     assert calls
 
 
-@pytest.mark.parametrize("kind", ["right", "left", "random"])
-@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("kind,is_causal", [("right", True), ("left", False), ("random", True),
+                                             ("random", False)])
 def test_key_padding_mask(split, kind, is_causal):
     """Padded keys hidden; the last batch row keeps one key only (ends inside a split)."""
     calls = split(16)
@@ -264,8 +274,8 @@ def _check_cache(inputs, cache_seqlens, slopes=None, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("seqlen_q,dtype", [(1, torch.float32), (4, torch.float16),
+                                             (4, torch.bfloat16), (1, torch.bfloat16)])
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_cache_seqlens(split, is_causal, seqlen_q, dtype):
     """Lengths 0, full, inside a tile, shorter than Sq (causal rows with no key output 0)."""
