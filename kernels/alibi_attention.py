@@ -47,33 +47,67 @@ def _narrow(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _alibi_scores(qk, rel, qk_scale, slope, IS_CAUSAL: tl.constexpr):
-    """Scores in the exp2 domain; ``rel = i' - j`` in fp32. Causal callers mask ``rel < 0``.
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """``acc + a @ b`` in fp32, accumulated in place by the tensor cores (no second tile)."""
+    if INTERPRETER:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    Callers form ``rel`` as the difference of fp32 position vectors, converted once per row
-    and per column: exact below 2^24, and no int-to-float conversion per score, which runs
-    at an eighth of the FP32 rate on recent GPUs.
-    """
+
+@triton.jit
+def _masked_scores(qk, rel, qk_scale, slope, IS_CAUSAL: tl.constexpr):
+    """Scores of a masked tile in the exp2 domain; ``rel = i' - j`` in fp32, a difference of
+    positions converted once per row and per column (exact below 2^24; no int-to-float
+    conversion per score). Causal callers mask ``rel < 0``."""
     if IS_CAUSAL:
         dist = rel
     else:
         dist = tl.abs(rel)
-    return qk * qk_scale - slope * dist.to(tl.float32)
+    return qk * qk_scale - slope * dist
+
+
+# Unmasked tiles lie on one side of the diagonal: ``sign = +1`` where every key precedes every
+# query (``j <= i'``), -1 where every key follows (symmetric ALiBi only); the bias is then
+# ``sign * slope * (j - i')``. It is split into a column term relative to the tile's start,
+# small and loop-invariant, folded into the score FMA (``qk * qk_scale + col``), and a row term
+# ``sign * slope * (tile start - i')`` that only moves the row's max or log-sum-exp: one fp32
+# instruction per score over bias-free attention, and the operands that decide the weights
+# stay small however long the sequence. Masked tiles (the diagonal band, ragged ends) compute
+# the distance per score. Pointers advance per tile: a 64-bit offset formed inside the loop
+# sits between a wgmma and its wait, and ptxas then serialises every wgmma (warning C7515).
 
 
 @triton.jit
-def _visible_keys(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr):
-    """Keys ``[0, hi)`` that query rows ``start_m + [0, BLOCK_M)`` can see; blocks before
-    ``full_hi`` need no mask (every row sees every key, all in bounds)."""
-    if IS_CAUSAL:
-        shift = seqlen_k - seqlen_q
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), seqlen_k)
-        full_hi = tl.minimum(tl.maximum(start_m + shift + 1, 0), seqlen_k)
+def _stages(start, size_q, size_k, shift, seqlen, BLOCK: tl.constexpr,
+            IS_CAUSAL: tl.constexpr, OVER_QUERIES: tl.constexpr):
+    """Tile boundaries ``(a, b, c)`` of a loop over ``[0, seqlen)`` in steps of ``BLOCK``;
+    ``shift = Sk - Sq``.
+
+    Over keys, for the queries ``start + [0, size_q)`` (forward, dq): keys ``[0, a)`` precede
+    every query (sign +1), ``[a, b)`` is the diagonal band and, causal, the last key (masked),
+    ``[b, c)`` follow every query (sign -1, symmetric only), ``[c, seqlen)`` is the ragged end
+    (masked). Over queries (``OVER_QUERIES``, dkdv), for the keys ``start + [0, size_k)``:
+    queries ``[0, a)`` precede every key (sign -1, symmetric; causal: they see none),
+    ``[a, b)`` is the band (masked), ``[b, seqlen)`` follow every key (sign +1); ``c = seqlen``.
+    """
+    if OVER_QUERIES:
+        b = tl.minimum(tl.cdiv(tl.maximum(start + size_k - 1 - shift, 0), BLOCK) * BLOCK, seqlen)
+        if IS_CAUSAL:
+            a = tl.maximum(start - shift, 0) // BLOCK * BLOCK
+        else:
+            a = tl.maximum(start - shift + 1, 0) // BLOCK * BLOCK
+        a = tl.minimum(a, b)
+        c = seqlen
     else:
-        hi = seqlen_k
-        full_hi = seqlen_k
-    return full_hi // BLOCK_N * BLOCK_N, hi
+        a = tl.minimum(tl.maximum(start + shift + 1, 0), seqlen) // BLOCK * BLOCK
+        if IS_CAUSAL:
+            b = tl.minimum(tl.maximum(start + size_q + shift, 0), seqlen)
+            c = b
+        else:
+            b = tl.minimum(tl.cdiv(tl.maximum(start + size_q + shift, 0), BLOCK) * BLOCK, seqlen)
+            c = tl.maximum(seqlen // BLOCK * BLOCK, b)
+    return a, b, c
 
 
 @triton.jit
@@ -103,47 +137,61 @@ def _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                          pos_q, offs_n, offs_d, qk_scale, slope, seqlen_k, lo, hi,
-                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
+                          stride_kn, stride_vn, stride_mn,
+                          pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, SIGN: tl.constexpr,
+                          HAS_KEY_MASK: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    d_mask = offs_d < HEAD_DIM
+    """Online softmax over the key tiles ``[lo, hi)``, masked (``MASK``) or on the ``SIGN``
+    side of every query row. ``K``, ``V``, ``KPM`` point at tile ``lo`` and come back past
+    ``hi``; ``offs_*`` (int32) address a tile from there. ``pos_q``: the rows' ``i'`` (int32),
+    ``col = slope * [0, BLOCK_N)``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        row0 = tl.cast(start_n, tl.int64)
         if MASK:
-            kv_mask = cols < seqlen_k
+            kv_mask = offs_n < seqlen_k - start_n
         else:
             kv_mask = offs_n < BLOCK_N
-        if HAS_KEY_MASK:
-            kv_mask = kv_mask & _load_keep(KPM, stride_mn, cols, seqlen_k)
-        kT = tl.load(K + row0 * stride_kn + offs_n[None, :] * stride_kn
-                     + offs_d[:, None] * stride_kd,
-                     mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
-        v = tl.load(V + row0 * stride_vn + offs_n[:, None] * stride_vn
-                    + offs_d[None, :] * stride_vd,
-                    mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
-        rel = pos_q[:, None] - cols.to(tl.float32)[None, :]
-        s = _alibi_scores(_dot(q, kT, INPUT_PRECISION, INTERPRETER), rel, qk_scale, slope,
-                          IS_CAUSAL)
-        if MASK or HAS_KEY_MASK:
-            visible = kv_mask[None, :]
-            if MASK and IS_CAUSAL:
-                visible = visible & (rel >= 0)
+        if HAS_KEY_MASK:  # padded keys are never read
+            keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
+            kv_mask = kv_mask & (keep != 0)
+        kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+        v = tl.load(V + offs_v, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        qk = _dot(q, kT, INPUT_PRECISION, INTERPRETER)
+        # -- scores s = qk * qk_scale + bias - row: the row term moves m only
+        i_rel = pos_q - start_n  # i' relative to the tile
+        if MASK and not IS_CAUSAL:  # the band: |i' - j| per score, the side from positions
+            x = col[None, :] - (slope * i_rel.to(tl.float32))[:, None]  # slope * (j - i')
+            s = qk * qk_scale + tl.where(offs_n[None, :] <= i_rel[:, None], x, -x)
+            row = tl.zeros_like(m_i)
+        else:
+            s = qk * qk_scale + (SIGN * col)[None, :]
+            row = (SIGN * slope) * i_rel.to(tl.float32)
+        if MASK and IS_CAUSAL:
+            visible = kv_mask[None, :] & (offs_n[None, :] <= i_rel[:, None])
             s = tl.where(visible, s, float("-inf"))
-        # -- update m_i, l_i; a row that has seen no key yet keeps m = -inf: shift by 0 then
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        elif MASK or HAS_KEY_MASK:
+            s = tl.where(kv_mask[None, :], s, float("-inf"))
+        # -- update m_i, l_i and the output accumulator; a row that has seen no key yet
+        # keeps m = -inf, and is then shifted by 0
+        m_new = tl.maximum(m_i, tl.max(s, 1) - row)
+        if MASK or HAS_KEY_MASK:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        p = tl.math.exp2(s - (m_safe + row)[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        # -- update the output accumulator
-        pv = _dot(_narrow(p, v.dtype, INTERPRETER), v, INPUT_PRECISION, INTERPRETER)
-        acc = acc * alpha[:, None] + pv
+        acc = _mma(_narrow(p, v.dtype, INTERPRETER), v, acc * alpha[:, None], INPUT_PRECISION,
+                   INTERPRETER)
         m_i = m_new
-    return acc, l_i, m_i
+        K += BLOCK_N * stride_kn
+        V += BLOCK_N * stride_vn
+        KPM += BLOCK_N * stride_mn
+    return acc, l_i, m_i, K, V, KPM
 
 
 @triton.jit
@@ -180,29 +228,47 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, sm_scale,
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(Q + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=io_mask,
                 other=0.0)
 
-    pos_q = (offs_m + (seqlen_k - seqlen_q)).to(tl.float32)  # i', the row's key position
+    pos_q = offs_m + (seqlen_k - seqlen_q)  # i', the row's key position
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full_hi, hi = _visible_keys(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    # stage 1: key blocks every row sees in full (but for padding, with HAS_KEY_MASK);
-    # stage 2: the diagonal band and the ragged end
-    acc, l_i, m_i = _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, stride_mn, pos_q, offs_n,
-                                          offs_d, qk_scale, slope, seqlen_k, 0, full_hi,
-                                          HEAD_DIM, BLOCK_N, IS_CAUSAL, False, HAS_KEY_MASK,
-                                          INPUT_PRECISION, INTERPRETER)
-    acc, l_i, m_i = _alibi_attn_fwd_inner(acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, stride_mn, pos_q, offs_n,
-                                          offs_d, qk_scale, slope, seqlen_k, full_hi, hi,
-                                          HEAD_DIM, BLOCK_N, IS_CAUSAL, True, HAS_KEY_MASK,
-                                          INPUT_PRECISION, INTERPRETER)
+    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
+                      IS_CAUSAL, False)
+    # the stages follow one another, each advancing the pointers past its tiles
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    offs_v = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    col = slope * offs_n.to(tl.float32)
+    # keys before every row, the diagonal band (causal: and the end), then symmetric only:
+    # keys after every row and the ragged end. A stage runs under `if` only when it has a
+    # tile: a loop that may run zero times leaves ptxas a path where the accumulator is
+    # written by moves while a wgmma is in flight, and it serialises every wgmma (C7515).
+    if 0 < a:
+        acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
+            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
+            pos_q, col, qk_scale, slope, seqlen_k, 0, a, HEAD_DIM, BLOCK_D, BLOCK_N,
+            IS_CAUSAL, False, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+    if a < b:
+        acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
+            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
+            pos_q, col, qk_scale, slope, seqlen_k, a, b, HEAD_DIM, BLOCK_D, BLOCK_N,
+            IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+    if not IS_CAUSAL:
+        if b < c:
+            acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
+                acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
+                pos_q, col, qk_scale, slope, seqlen_k, b, c, HEAD_DIM, BLOCK_D, BLOCK_N,
+                IS_CAUSAL, False, -1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+        if c < seqlen_k:
+            acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
+                acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
+                pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k, HEAD_DIM, BLOCK_D, BLOCK_N,
+                IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
     # a row with no visible key (causal, or all padded) has l = 0: output 0 and LSE +inf
     # (its gradients are then 0)
     empty = l_i == 0.0
@@ -246,47 +312,58 @@ def _alibi_attn_bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Q, DO, LSE, DELTA,
-                               stride_qm, stride_qd, stride_dom, stride_dod,
-                               pos_k, offs_m, offs_d, qk_scale, slope, seqlen_q, seqlen_k, lo, hi,
-                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                               IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, offs_do,
+                               stride_qm, stride_dom, pos_k, col, qk_scale, slope, seqlen_q,
+                               shift, lo, hi,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                               MASK: tl.constexpr, SIGN: tl.constexpr,
                                HAS_KEY_MASK: tl.constexpr,
                                INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Accumulate one query head's contribution to ``dk``, ``dv [BLOCK_N, BLOCK_D]``.
+    """Accumulate one query head's query tiles ``[lo, hi)`` into ``dk``, ``dv [BLOCK_N,
+    BLOCK_D]``: masked (``MASK``) or on the ``SIGN`` side of every key (+1: after).
 
-    Works transposed (keys along rows). Query rows past ``Sq`` load ``lse = +inf``, so their
-    probabilities are 0; key rows past ``Sk`` only touch their own rows, which are not stored.
-    Padded keys (``keep`` false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
+    Works transposed (keys along rows). ``Q``, ``DO``, ``LSE``, ``DELTA`` point at tile ``lo``
+    and come back past ``hi``. ``pos_k``: the keys' positions (int32), ``col = slope *
+    [0, BLOCK_M)``. Query rows past ``Sq`` load ``lse = +inf``, so their probabilities are 0;
+    key rows past ``Sk`` only touch their own rows, which are not stored. Padded keys (``keep``
+    false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
     """
-    d_mask = offs_d < HEAD_DIM
+    offs_m = tl.arange(0, BLOCK_M)
+    d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        row0 = tl.cast(start_m, tl.int64)
-        m_mask = rows < seqlen_q
-        qT = tl.load(Q + row0 * stride_qm + offs_m[None, :] * stride_qm
-                     + offs_d[:, None] * stride_qd,
-                     mask=d_mask[:, None] & m_mask[None, :], other=0.0)
-        do = tl.load(DO + row0 * stride_dom + offs_m[:, None] * stride_dom
-                     + offs_d[None, :] * stride_dod,
-                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        lse = tl.load(LSE + rows, mask=m_mask, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + rows, mask=m_mask, other=0.0)
-        rel = (rows + (seqlen_k - seqlen_q)).to(tl.float32)[None, :] - pos_k[:, None]
-        sT = _alibi_scores(_dot(k, qT, INPUT_PRECISION, INTERPRETER), rel, qk_scale, slope,
-                           IS_CAUSAL)
-        pT = tl.math.exp2(sT - lse[None, :])
-        if MASK:
-            pT = tl.where(rel >= 0, pT, 0.0)
+        m_mask = offs_m < seqlen_q - start_m
+        qT = tl.load(Q + offs_qT, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+        do = tl.load(DO + offs_do, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
+        qkT = _dot(k, qT, INPUT_PRECISION, INTERPRETER)
+        # -- bias = sign * slope * (k - q'): a row term plus the column term, relative to q'
+        # of the tile's first query
+        k_rel = pos_k - (start_m + shift)
+        if MASK and not IS_CAUSAL:  # the band: |q' - k| per score, the side from positions
+            x = (slope * k_rel.to(tl.float32))[:, None] - col[None, :]  # slope * (k - q')
+            sT = qkT * qk_scale + tl.where(k_rel[:, None] <= offs_m[None, :], x, -x)
+            pT = tl.math.exp2(sT - (lse * LOG2E)[None, :])
+        else:
+            sT = qkT * qk_scale + ((SIGN * slope) * k_rel.to(tl.float32))[:, None]
+            pT = tl.math.exp2(sT - tl.fma(lse, LOG2E, SIGN * col)[None, :])
+        if MASK and IS_CAUSAL:
+            pT = tl.where(k_rel[:, None] <= offs_m[None, :], pT, 0.0)
         if HAS_KEY_MASK:
             pT = tl.where(keep[:, None], pT, 0.0)
         # -- dv += p^T do
-        dv += _dot(_narrow(pT, do.dtype, INTERPRETER), do, INPUT_PRECISION, INTERPRETER)
+        dv = _mma(_narrow(pT, do.dtype, INTERPRETER), do, dv, INPUT_PRECISION, INTERPRETER)
         # -- dk += ds^T q, ds = p * (dp - delta)
         dpT = _dot(v, tl.trans(do), INPUT_PRECISION, INTERPRETER)
         dsT = pT * (dpT - delta[None, :])
-        dk += _dot(_narrow(dsT, qT.dtype, INTERPRETER), tl.trans(qT), INPUT_PRECISION, INTERPRETER)
-    return dk, dv
+        dk = _mma(_narrow(dsT, qT.dtype, INTERPRETER), tl.trans(qT), dk, INPUT_PRECISION,
+                  INTERPRETER)
+        Q += BLOCK_M * stride_qm
+        DO += BLOCK_M * stride_dom
+        LSE += BLOCK_M
+        DELTA += BLOCK_M
+    return dk, dv, Q, DO, LSE, DELTA
 
 
 @triton.jit
@@ -324,59 +401,67 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
     qk_scale = sm_scale * LOG2E
 
     offs_r = tl.arange(0, BLOCK_N)
-    cols = start_n + offs_r
+    pos_k = start_n + offs_r
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    io_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    io_mask = (pos_k < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     if HAS_KEY_MASK:  # padded keys: never read, zero gradients
-        keep = _load_keep(KPM + off_b * stride_mb, stride_mn, cols, seqlen_k)
+        keep = _load_keep(KPM + off_b * stride_mb, stride_mn, pos_k, seqlen_k)
         kv_mask = io_mask & keep[:, None]
     else:
-        keep = cols < seqlen_k
+        keep = pos_k < seqlen_k
         kv_mask = io_mask
     k = tl.load(K + offs_r[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
                 other=0.0)
     v = tl.load(V + offs_r[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
                 other=0.0)
 
-    # Query blocks that can see this key block: [lo, hi). Before full_lo some rows still miss
-    # some keys (the causal diagonal band), from full_lo on every row sees every key.
-    if IS_CAUSAL:
-        shift = seqlen_k - seqlen_q
-        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
-        full_lo = tl.minimum(full_lo, seqlen_q)
-    else:
-        lo = 0
-        full_lo = 0
+    # query tiles before every key (symmetric only; causal: they see none), the band, then
+    # the tiles after every key
+    shift = seqlen_k - seqlen_q
+    a, b, _ = _stages(start_n, BLOCK_M, BLOCK_N, shift, seqlen_q, BLOCK_M, IS_CAUSAL, True)
     end = seqlen_q
     if HAS_KEY_MASK:  # a block of padded keys only: skip the loops, store zeros
         end = tl.where(tl.max(keep.to(tl.int32), 0) > 0, seqlen_q, 0)
-        lo = tl.minimum(lo, end)
-        full_lo = tl.minimum(full_lo, end)
-
-    pos_k = cols.to(tl.float32)
+        a = tl.minimum(a, end)
+        b = tl.minimum(b, end)
+    if IS_CAUSAL:
+        lo = a
+    else:
+        lo = 0
+    offs_qT = offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
+    offs_do = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(group):
         off_h = off_kvh * group + g
         slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
-        Qh = Q + off_b * stride_qb + off_h * stride_qh + q0 * stride_qm
-        DOh = DO + off_b * stride_dob + off_h * stride_doh + q0 * stride_dom
-        LSEh = LSE + off_b * stride_lb + off_h * stride_lh + q0
-        DELTAh = DELTA + off_b * stride_lb + off_h * stride_lh + q0
-        dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Qh, DOh, LSEh, DELTAh,
-                                            stride_qm, stride_qd, stride_dom, stride_dod,
-                                            pos_k, offs_m, offs_d, qk_scale, slope,
-                                            seqlen_q, seqlen_k, lo, full_lo,
-                                            HEAD_DIM, BLOCK_M, IS_CAUSAL, True, HAS_KEY_MASK,
-                                            INPUT_PRECISION, INTERPRETER)
-        dk, dv = _alibi_attn_bwd_dkdv_inner(dk, dv, k, v, keep, Qh, DOh, LSEh, DELTAh,
-                                            stride_qm, stride_qd, stride_dom, stride_dod,
-                                            pos_k, offs_m, offs_d, qk_scale, slope,
-                                            seqlen_q, seqlen_k, full_lo, end,
-                                            HEAD_DIM, BLOCK_M, IS_CAUSAL, False, HAS_KEY_MASK,
-                                            INPUT_PRECISION, INTERPRETER)
+        col = slope * offs_m.to(tl.float32)
+        row_lo = q0 + tl.cast(lo, tl.int64)
+        Qh = Q + off_b * stride_qb + off_h * stride_qh + row_lo * stride_qm
+        DOh = DO + off_b * stride_dob + off_h * stride_doh + row_lo * stride_dom
+        LSEh = LSE + off_b * stride_lb + off_h * stride_lh + row_lo
+        DELTAh = DELTA + off_b * stride_lb + off_h * stride_lh + row_lo
+        # each stage under `if`: see the forward
+        if not IS_CAUSAL:
+            if 0 < a:
+                dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
+                    dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
+                    stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, 0, a, HEAD_DIM,
+                    BLOCK_D, BLOCK_M, IS_CAUSAL, False, -1, HAS_KEY_MASK, INPUT_PRECISION,
+                    INTERPRETER)
+        if a < b:
+            dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
+                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
+                stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, a, b, HEAD_DIM,
+                BLOCK_D, BLOCK_M, IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION,
+                INTERPRETER)
+        if b < end:
+            dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
+                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
+                stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, b, end, HEAD_DIM,
+                BLOCK_D, BLOCK_M, IS_CAUSAL, False, 1, HAS_KEY_MASK, INPUT_PRECISION,
+                INTERPRETER)
     dk *= sm_scale
     tl.store(DK + offs_r[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _narrow(dk, DK.dtype.element_ty, INTERPRETER), mask=io_mask)
@@ -385,44 +470,51 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
 
 
 @triton.jit
-def _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
-                             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                             pos_q, offs_n, offs_d, qk_scale, slope, seqlen_k, lo, hi,
-                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                             IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+def _alibi_attn_bwd_dq_inner(dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
+                             stride_kn, stride_vn, stride_mn,
+                             pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                             MASK: tl.constexpr, SIGN: tl.constexpr,
                              HAS_KEY_MASK: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    d_mask = offs_d < HEAD_DIM
+    """``dq`` over the key tiles ``[lo, hi)``, as the forward's stages (same arguments);
+    ``lse2`` is the LSE in log2 units."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        row0 = tl.cast(start_n, tl.int64)
         if MASK:
-            kv_mask = cols < seqlen_k
+            kv_mask = offs_n < seqlen_k - start_n
         else:
             kv_mask = offs_n < BLOCK_N
         if HAS_KEY_MASK:
-            kv_mask = kv_mask & _load_keep(KPM, stride_mn, cols, seqlen_k)
-        kT = tl.load(K + row0 * stride_kn + offs_n[None, :] * stride_kn
-                     + offs_d[:, None] * stride_kd,
-                     mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
-        vT = tl.load(V + row0 * stride_vn + offs_n[None, :] * stride_vn
-                     + offs_d[:, None] * stride_vd,
-                     mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
-        rel = pos_q[:, None] - cols.to(tl.float32)[None, :]
-        s = _alibi_scores(_dot(q, kT, INPUT_PRECISION, INTERPRETER), rel, qk_scale, slope,
-                          IS_CAUSAL)
-        p = tl.math.exp2(s - lse[:, None])
-        if MASK or HAS_KEY_MASK:
-            # keys past Sk and padded keys too: their p could overflow, and inf * (k = 0) is NaN
-            visible = kv_mask[None, :]
-            if MASK and IS_CAUSAL:
-                visible = visible & (rel >= 0)
-            p = tl.where(visible, p, 0.0)
+            keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
+            kv_mask = kv_mask & (keep != 0)
+        kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+        vT = tl.load(V + offs_vT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+        qk = _dot(q, kT, INPUT_PRECISION, INTERPRETER)
+        i_rel = pos_q - start_n
+        if MASK and not IS_CAUSAL:
+            x = col[None, :] - (slope * i_rel.to(tl.float32))[:, None]
+            s = qk * qk_scale + tl.where(offs_n[None, :] <= i_rel[:, None], x, -x)
+            p = tl.math.exp2(s - lse2[:, None])
+        else:
+            s = qk * qk_scale + (SIGN * col)[None, :]
+            p = tl.math.exp2(s - (lse2 + (SIGN * slope) * i_rel.to(tl.float32))[:, None])
+        # keys past Sk and padded keys too: their p could overflow, and inf * (k = 0) is NaN
+        if MASK and IS_CAUSAL:
+            p = tl.where(kv_mask[None, :] & (offs_n[None, :] <= i_rel[:, None]), p, 0.0)
+        elif MASK or HAS_KEY_MASK:
+            p = tl.where(kv_mask[None, :], p, 0.0)
         # -- dq += ds k, ds = p * (dp - delta)
         dp = _dot(do, vT, INPUT_PRECISION, INTERPRETER)
         ds = p * (dp - delta[:, None])
-        dq += _dot(_narrow(ds, kT.dtype, INTERPRETER), tl.trans(kT), INPUT_PRECISION, INTERPRETER)
-    return dq
+        dq = _mma(_narrow(ds, kT.dtype, INTERPRETER), tl.trans(kT), dq, INPUT_PRECISION,
+                  INTERPRETER)
+        K += BLOCK_N * stride_kn
+        V += BLOCK_N * stride_vn
+        KPM += BLOCK_N * stride_mn
+    return dq, K, V, KPM
 
 
 @triton.jit
@@ -470,22 +562,39 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, sm_
                 other=0.0)
     do = tl.load(DO + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=io_mask, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=m_mask, other=float("inf")) * LOG2E
+    lse2 = tl.load(LSE + offs_m, mask=m_mask, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
 
-    pos_q = (offs_m + (seqlen_k - seqlen_q)).to(tl.float32)
+    pos_q = offs_m + (seqlen_k - seqlen_q)
+    col = slope * offs_n.to(tl.float32)
+    offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    offs_vT = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full_hi, hi = _visible_keys(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                  pos_q, offs_n, offs_d, qk_scale, slope, seqlen_k,
-                                  0, full_hi, HEAD_DIM, BLOCK_N, IS_CAUSAL, False, HAS_KEY_MASK,
-                                  INPUT_PRECISION, INTERPRETER)
-    dq = _alibi_attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, KPM,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                  pos_q, offs_n, offs_d, qk_scale, slope, seqlen_k,
-                                  full_hi, hi, HEAD_DIM, BLOCK_N, IS_CAUSAL, True, HAS_KEY_MASK,
-                                  INPUT_PRECISION, INTERPRETER)
+    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
+                      IS_CAUSAL, False)
+    # the forward's stages, each under `if`
+    if 0 < a:
+        dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
+            dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
+            stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, HEAD_DIM, BLOCK_D,
+            BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+    if a < b:
+        dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
+            dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
+            stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, HEAD_DIM, BLOCK_D,
+            BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+    if not IS_CAUSAL:
+        if b < c:
+            dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
+                dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
+                stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c, HEAD_DIM, BLOCK_D,
+                BLOCK_N, IS_CAUSAL, False, -1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+        if c < seqlen_k:
+            dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
+                dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
+                stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k, HEAD_DIM,
+                BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION,
+                INTERPRETER)
     dq *= sm_scale
     tl.store(DQ + offs_r[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              _narrow(dq, DQ.dtype.element_ty, INTERPRETER), mask=io_mask)
