@@ -31,6 +31,13 @@ The last case (S=65536) is a memory check: ours only, fwd+bwd.
 Before timing, outputs (fwd) or gradients (fwd+bwd) are compared with the float32
 reference where its scores fit in 8 GiB, else with ours; a failure prints "FAIL".
 
+Decode cases (mode "decode": KV-cache decoding and chunked prefill, bf16, Hq 32 / Hk 8,
+D 128, B 1/16/64, Sk 4096 and 32768, Sq 1 and 16, causal) time the forward: ours (the
+split-KV path, chosen by shape), flex with the same ``score_mod`` and ``enable_gqa``, and
+sdpa+bias with ``enable_gqa``. GB/s is the bytes of K and V read per second, against the
+copy bandwidth (bytes read + written per second of a 1 GiB device-to-device copy) measured
+in the same run; host µs per call (calls back to back, no sync) at B=1.
+
 For developers: ``--cpu-dry-run`` runs the same code on CPU with tiny shapes (perf_counter
 timer, Triton's interpreter) to test this script; its numbers mean nothing.
 """
@@ -102,6 +109,16 @@ def cases(quick: bool, dry: bool) -> list:
                  lengths=PACKED_LENGTHS),
             Case("memory B1 H8 S65536 D128", 1, 8, 8, 65536, 65536, 128, memory_check=True)]
     return [full[0], full[5], full[6]] if quick else full
+
+
+def decode_cases(quick: bool, dry: bool) -> list:
+    """Few query rows against a long KV cache: the split-KV path's shapes."""
+    if dry:  # Sk past alibi_decode.MIN_SEQLEN_K, so the split path runs
+        return [Case("decode B1 Sq1 Sk600 Hq4/2 D32", 1, 4, 2, 1, 600, 32),
+                Case("decode B2 Sq4 Sk520 Hq4/2 D32", 2, 4, 2, 4, 520, 32)]
+    full = [Case(f"decode B{b} Sq{sq} Sk{sk} Hq32/8 D128", b, 32, 8, sq, sk, 128)
+            for b in (1, 16, 64) for sk in (4096, 32768) for sq in (1, 16)]
+    return [full[2], full[5]] if quick else full
 
 
 def materialised_bias(slopes, case: Case, reference) -> torch.Tensor:
@@ -279,6 +296,54 @@ def run_case(report: common.Report, case: Case, posenc_triton, reference, modes=
                            check)
 
 
+def run_decode_case(report: common.Report, case: Case, posenc_triton, reference,
+                    copy_gbps: float) -> None:
+    """ours, flex and sdpa+bias forward on one decode shape, checked against the float32
+    reference, into ``report`` (mode "decode")."""
+    torch._dynamo.reset()
+    dev = common.DEVICE
+    q = torch.randn(case.batch, case.hq, case.sq, case.dim, device=dev, dtype=DTYPE)
+    k, v = (torch.randn(case.batch, case.hk, case.sk, case.dim, device=dev, dtype=DTYPE)
+            for _ in range(2))
+    slopes = posenc_triton.alibi_slopes(case.hq, device=dev)
+    impls = implementations(case, slopes, posenc_triton, reference)
+
+    def sdpa():
+        bias = materialised_bias(slopes, case, reference)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                              enable_gqa=True)
+
+    # The float32 reference repeats K/V for GQA: where that passes 8 GiB, ours is the base.
+    fits = 2 * case.batch * case.hq * case.sk * case.dim * 4 <= EAGER_LIMIT
+    base = impls["ours"]() if not fits else (
+        lambda *t: reference.alibi_attention_reference(*t, slopes, is_causal=case.causal))
+    expected, note = common.attempt(lambda: (base(q, k, v),))
+    for name, factory in (("ours", impls["ours"]), ("flex", impls["flex"]), ("sdpa+bias", sdpa)):
+        row = report.add(case=case.name, mode="decode", impl=name)
+        fn, why = common.attempt(factory)
+        if fn is None:
+            row["note"] = why
+            continue
+        check = "none (the base)" if name == "ours" and not fits else note or expected
+        report.measure(row, measure_decode, fn, (q, k, v), case, check, copy_gbps)
+
+
+def measure_decode(row: dict, fn, inputs, case: Case, expected, copy_gbps: float) -> None:
+    result = fn(*inputs)
+    if isinstance(expected, str):
+        row["check"] = expected
+    else:
+        row["err"] = common.max_rel_error((result,), expected)
+        row["check"] = "ok" if row["err"] <= TOLERANCE else "FAIL"
+    del result
+    row["ms"] = common.time_ms(lambda: fn(*inputs))
+    row["gbps"] = common.gbps(2 * inputs[1].numel() * inputs[1].element_size(), row["ms"])
+    row["of_copy"] = row["gbps"] / copy_gbps
+    row["tflops"] = case.flops() / row["ms"] / 1e9
+    if case.batch == 1:
+        row["host_us"] = common.host_us(lambda: fn(*inputs))
+
+
 def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> common.Report:
     # Imported here, not at the top: a dry run sets TRITON_INTERPRET first.
     import posenc_triton
@@ -290,17 +355,40 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
         run_case(report, case, posenc_triton, reference)
         report.save_rows(out_dir)
     tables(report)
+    copy = common.copy_gbps(1 << 20 if dry else 1 << 30)
+    report.env["copy_gbps"] = round(copy, 1)
+    for case in common.progress(decode_cases(quick, dry), "alibi decode"):
+        run_decode_case(report, case, posenc_triton, reference, copy)
+        report.save_rows(out_dir)
+    decode_tables(report, copy)
     report.write(out_dir)
     return report
 
 
 def tables(report: common.Report) -> None:
-    """The time, throughput and peak-memory tables of ``report``'s rows."""
-    report.table("Time (ms, median)", "ms", "{:.3f}")
+    """The time, throughput and peak-memory tables of ``report``'s rows (decode apart)."""
+    dense = lambda case, mode: mode != "decode"
+    report.table("Time (ms, median)", "ms", "{:.3f}", where=dense)
     report.table("Throughput (TFLOP/s)", "tflops", "{:.0f}",
                  [("ours/flex (speed)", lambda r: common.ratio(r, "flex", "ours")),
-                  ("ours/ceiling", lambda r: common.ratio(r, "sdpa (no bias)", "ours"))])
-    report.table("Peak memory (GiB, one call, inputs included)", "peak_gib", "{:.2f}")
+                  ("ours/ceiling", lambda r: common.ratio(r, "sdpa (no bias)", "ours"))],
+                 where=dense)
+    report.table("Peak memory (GiB, one call, inputs included)", "peak_gib", "{:.2f}",
+                 where=dense)
+
+
+def decode_tables(report: common.Report, copy_gbps: float) -> None:
+    """The decode rows: time, K/V bytes read per second against the copy, host time at B=1."""
+    decode = lambda case, mode: mode == "decode"
+    of_copy = lambda r: f"{r['ours']['of_copy']:.2f}" if "of_copy" in r.get("ours", {}) else "-"
+    report.table("Decode: time (ms, median)", "ms", "{:.4f}",
+                 [("flex/ours (speed)", lambda r: common.ratio(r, "flex", "ours")),
+                  ("sdpa+bias/ours (speed)", lambda r: common.ratio(r, "sdpa+bias", "ours"))],
+                 where=decode)
+    report.table(f"Decode: K/V read (GB/s; copy {copy_gbps:.0f} GB/s read + write)", "gbps",
+                 "{:.0f}", [("ours/copy", of_copy)], where=decode)
+    report.table("Decode: host time per call (µs, B=1, no sync)", "host_us", "{:.1f}",
+                 where=lambda case, mode: decode(case, mode) and case.startswith("decode B1 "))
 
 
 if __name__ == "__main__":
