@@ -220,6 +220,10 @@ def _check_cache_seqlens(q, k, v, cache_seqlens, layout) -> None:
                          f"{tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    rows = q.shape[1 if layout == "bhsd" else 2] * q.shape[2 if layout == "bhsd" else 1]
+    if rows >= 2 ** 31:  # the split kernel indexes a KV head's query rows in int32
+        raise ValueError(f"with cache_seqlens, q's heads x query length must be below 2^31, "
+                         f"got {rows}; split the query into chunks")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("cache_seqlens is for inference (forward only, like flash-attn's "
                          "flash_attn_with_kvcache) but q, k or v requires grad: run under "

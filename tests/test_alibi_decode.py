@@ -390,6 +390,14 @@ def test_cache_seqlens_refuses_gradients_and_packed_input():
                         cu_seqlens_k=cu, cache_seqlens=lengths)
 
 
+def test_cache_seqlens_error_rows_past_int32():
+    q = torch.empty(1, 128, 1 << 24, 1, device="meta", dtype=torch.float16)
+    k = torch.empty(1, 1, 8, 1, device="meta", dtype=torch.float16)
+    lengths = torch.empty(1, device="meta", dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"heads x query length must be below 2\^31"):
+        alibi_attention(q, k, k, cache_seqlens=lengths)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs two devices to differ")
 def test_cache_seqlens_error_device():
     q, k, v = _make_qkv(2, 2, 2, 1, 8, 16, torch.float16)
