@@ -30,33 +30,51 @@ def _config(block_m, block_n, num_warps, num_stages):
                          num_warps=num_warps, num_stages=num_stages)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs whose tiles fit sm_90's 227 KiB of shared memory: all of them up to
-    256 bytes per head row (bf16/fp16 at D <= 128); small tiles with shallow pipelines up to
-    512 (D = 256, or fp32 at D <= 128); the smallest beyond (fp32 at D = 256). The sizes are
-    those ``tests/compile_kernels.py`` measures."""
+def _prune_configs(configs, named_args, kernel=None, **kwargs):
+    """Keep the configs that neither spill registers nor overflow sm_90's 227 KiB of shared
+    memory (``python -m posenc_triton.bench.audit`` checks both on the sm_90 machine code).
+
+    Shared memory: every tile up to 256 bytes per head row (bf16/fp16 at D <= 128); small
+    tiles with shallow pipelines up to 512 (D = 256, or fp32 at D <= 128); the smallest
+    beyond (fp32 at D = 256). Registers: ``_SPILLS`` lists the tiles that spill in a variant.
+    """
     def get(name):
         return kwargs.get(name, named_args.get(name))
 
+    spills = _SPILLS.get(kernel, {})
+    drop = set(spills.get("all", ()))
+    if not get("IS_CAUSAL"):
+        drop |= set(spills.get("symmetric", ()))
+    if get("group") != 1:
+        drop |= set(spills.get("gqa", ()))
+    kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
     row_bytes = get("BLOCK_D") * (4 if get("INPUT_PRECISION") == "ieee" else 2)
     if row_bytes <= 256:
-        return configs
+        return kept
     tile = 64 * 64 if row_bytes <= 512 else 64 * 32
-    small = [c for c in configs
+    small = [c for c in kept
              if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= tile and c.num_stages <= 2]
-    return small or configs[-1:]
+    return small or kept[-1:]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), largest first. The first entries are the tiles
-# Triton's fused-attention tutorial settles on for Hopper; the last config of each list is
-# the conservative one that fits D = 256 on any recent GPU. A config that does not fit a
-# GPU's shared memory is skipped by the autotuner.
-_FWD_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                (64, 64, 8, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 5), (32, 128, 8, 3), (32, 64, 4, 3),
-                 (64, 64, 8, 2), (32, 32, 4, 1)]
-_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 5), (128, 32, 8, 3), (64, 64, 4, 3),
-               (64, 32, 4, 2), (32, 32, 4, 1)]
+def _tile(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), largest first; the last config of each list is
+# the conservative one that fits D = 256 on any recent GPU. Left out, because they spill on
+# sm_90 at D = 128 (bench/NOTES.md has the audit): forward (128, 128, 8, 3), whose bias column
+# term needs 32 registers per thread on top of the tutorial's 228, and (128, 64, 4, 3), which
+# spills in the tutorial too; dq (128, 32, 4, 5) (the tutorial too); dkdv (64, 128, 8, 3) and
+# (32, 128, 4, 5) (the tutorial too), (32, 128, 8, 3) and (64, 64, 8, 2).
+_FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)]
+_DKDV_CONFIGS = [(32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 4, 1)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+# Tiles that spill in one variant only, kept for the others: symmetric (non-causal) forward
+# runs four loop stages, 44-68 B of spills at (128, 64, 8, 3); dkdv's loop over the query heads
+# of a KV head (GQA, group > 1) spills 556-872 B of scalars at (32, 64, 4, 3).
+_SPILLS = {"fwd": {"symmetric": [(128, 64, 8, 3)]}, "dkdv": {"gqa": [(32, 64, 4, 3)]}}
 _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
                  "IS_VARLEN", "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
@@ -73,9 +91,12 @@ def _kernels(interpreting: bool):
     kernels = (kern._alibi_attn_fwd, kern._alibi_attn_bwd_dkdv, kern._alibi_attn_bwd_dq)
     if not interpreting:
         kernels = tuple(
-            triton.autotune([_config(*c) for c in configs], key=_AUTOTUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
-            for kernel, configs in zip(kernels, (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS)))
+            triton.autotune([_config(*c) for c in configs], key=_AUTOTUNE_KEY + extra_key,
+                            prune_configs_by={"early_config_prune": functools.partial(
+                                _prune_configs, kernel=name)})(kernel)
+            for kernel, configs, name, extra_key in zip(
+                kernels, (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS), ("fwd", "dkdv", "dq"),
+                ([], ["group"], [])))
     fwd, dkdv, dq = kernels
     return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
 
