@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -172,9 +173,13 @@ def evaluated_model(trained: ByteLM, rule: Optional[str], factor: float, s: Sett
     return model
 
 
-def run(s: Settings, out_dir: Path, device: Optional[torch.device] = None) -> dict:
+def run(s: Settings, out_dir: Path, device: Optional[torch.device] = None,
+        resume: bool = False) -> dict:
     """The whole study; writes ``extrapolation.{md,json,png}`` to ``out_dir`` and returns
-    ``{"env": ..., "training": [rows], "rows": [rows], "tables": [markdown]}``."""
+    ``{"env": ..., "training": [rows], "rows": [rows], "tables": [markdown]}``.
+
+    The JSON is saved after every trained model, so a run cut short keeps its models;
+    ``resume`` continues the one in ``out_dir`` (same settings and data), skipping them."""
     device = torch.device(device or common.DEVICE)
     start = time.perf_counter()
     train_data, held, data_info = stdlib_split()
@@ -183,8 +188,15 @@ def run(s: Settings, out_dir: Path, device: Optional[torch.device] = None) -> di
     if s.eval_tokens < needed or held.numel() <= s.eval_tokens:
         raise ValueError(f"eval_tokens must be in [{needed}, {held.numel()}) (the longest "
                          f"evaluation window, the held-out bytes), got {s.eval_tokens}")
-    training, rows = [], []
-    jobs = [(seed, enc) for seed in range(s.seeds) for enc in ENCODINGS]
+    env = {**common.environment(torch.float32),
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else
+           f"none (CPU {platform.machine()}, {torch.get_num_threads()} threads)",
+           "dtype": s.dtype, "timer": "wall clock (time.perf_counter)", "wall_s": 0.0,
+           "settings": dataclasses.asdict(s), "data": data_info}
+    training, rows, earlier_s = _previous(out_dir, env) if resume else ([], [], 0.0)
+    done = {(t["seed"], t["encoding"]) for t in training}
+    jobs = [(seed, enc) for seed in range(s.seeds) for enc in ENCODINGS
+            if (seed, enc) not in done]
     for seed, enc in common.progress(jobs, NAME):
         t0 = time.perf_counter()
         model, losses = train(enc, s, seed, train_data, device)
@@ -208,13 +220,10 @@ def run(s: Settings, out_dir: Path, device: Optional[torch.device] = None) -> di
               f"{training[-1]['loss_start']:.2f} -> {training[-1]['loss_end']:.2f} bits/byte; "
               "held-out " + ", ".join(f"{r['eval_len']}: {r['bpb']:.3f}" for r in evals),
               flush=True)
+        env["wall_s"] = round(earlier_s + time.perf_counter() - start, 1)
+        common.write_json(out_dir, NAME, env, training + rows)
 
-    env = {**common.environment(torch.float32),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else
-           f"none (CPU {platform.machine()}, {torch.get_num_threads()} threads)",
-           "dtype": s.dtype, "timer": "wall clock (time.perf_counter)",
-           "wall_s": round(time.perf_counter() - start, 1),
-           "settings": dataclasses.asdict(s), "data": data_info}
+    env["wall_s"] = round(earlier_s + time.perf_counter() - start, 1)
     tables = [_table(rows, s, "bpb", "Held-out bits per byte over whole windows"),
               _table(rows, s, "bpb_beyond", f"Bits per byte at positions >= {s.train_len} "
                      "(past the training length) only"),
@@ -227,6 +236,25 @@ def run(s: Settings, out_dir: Path, device: Optional[torch.device] = None) -> di
     print(f"\n{env['wall_s']} s; wrote {out_dir.resolve()}/{NAME}.md, .json"
           + (", .png" if plotted else " (no plot: matplotlib is not installed)"), flush=True)
     return {"env": env, "training": training, "rows": rows, "tables": tables}
+
+
+def _previous(out_dir: Path, env: dict):
+    """``(training rows, eval rows, wall seconds)`` of the run in ``out_dir`` to resume."""
+    path = out_dir / f"{NAME}.json"
+    if not path.exists():
+        return [], [], 0.0
+    before = json.loads(path.read_text())
+    old = before["environment"]
+
+    def same(e):  # threads change the speed, not the numbers
+        return json.dumps([{**e["settings"], "threads": None}, e["data"]], sort_keys=True)
+
+    if same(old) != same(env):
+        raise ValueError(f"--resume: {path} was run with other settings or data; pass another "
+                         "--out, or the same settings")
+    rows = before["rows"]  # saved after a model's evaluations: every model is complete
+    return ([r for r in rows if r["kind"] == "training"],
+            [r for r in rows if r["kind"] == "eval"], old["wall_s"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +335,8 @@ def _plot(rows, s: Settings, env: dict, path: Path) -> bool:
 
 
 def parse_settings(argv=None):
-    """``(Settings, out_dir)`` from the command line: a preset, then any field overridden."""
+    """``(Settings, args)`` from the command line: a preset, then any field overridden;
+    ``args.out``, ``args.resume``."""
     parser = argparse.ArgumentParser(prog="posenc-bench extrapolation",
                                      description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", type=Path, default=common.RESULTS,
@@ -316,6 +345,9 @@ def parse_settings(argv=None):
     preset.add_argument("--quick", action="store_true", help="a tiny run (CI, under a minute)")
     preset.add_argument("--large", action="store_true",
                         help="train 512, evaluate to 4096, bf16 autocast (for a GPU)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out (same settings), e.g. one cut "
+                             "short by a time limit")
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "factors":
@@ -342,11 +374,11 @@ def parse_settings(argv=None):
         parser.error(f"--factors must be positive integers, got {s.factors}")
     if not s.lr > 0:
         parser.error(f"--lr must be > 0, got {s.lr}")
-    return s, args.out
+    return s, args
 
 
 def main(argv=None) -> int:
-    s, out_dir = parse_settings(argv)
+    s, args = parse_settings(argv)
     if s.threads:
         torch.set_num_threads(s.threads)
     # On CPU the layers must take their PyTorch path: interpreting the kernels is for tests.
@@ -355,7 +387,7 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"posenc_triton\..*")  # slow-path notes
-            result = run(s, out_dir)
+            result = run(s, args.out, resume=args.resume)
     finally:
         if interpret is None:
             del os.environ["TRITON_INTERPRET"]

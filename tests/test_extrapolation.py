@@ -141,8 +141,23 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert all(f"| {label} |" in table for label, _, _ in study.VARIANTS)
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "extrapolation.png").stat().st_size > 0
+    # --resume: a run cut short after four models trains only the fifth, keeping the rest.
+    path = tmp_path / "extrapolation.json"
+    data["rows"] = [r for r in data["rows"] if r.get("encoding") not in ("alibi",)]
+    path.write_text(json.dumps(data))
+    argv = ["--quick", "--out", str(tmp_path), "--factors", "1,2,4", "--resume"]
+    assert study.main(argv) == 0
+    resumed = json.loads(path.read_text())["rows"]
+    assert [r for r in resumed if r.get("encoding") != "alibi"] == data["rows"]
+    assert sorted(r["encoding"] for r in resumed if r["kind"] == "training") == sorted(
+        study.ENCODINGS)
+    assert {r["eval_len"] for r in resumed if r["kind"] == "eval" and r["encoding"] == "alibi"} == {
+        32, 64, 128}
+    with pytest.raises(ValueError, match="other settings"):
+        study.main([*argv, "--steps", "41"])
 
 
+@pytest.mark.filterwarnings("ignore:.*materialises:UserWarning")  # the CPU path, as meant
 def test_models_and_rope_scaling(monkeypatch):
     """Every model runs past its training length; a scaled RoPE copy keeps the weights (1x
     at the training length is the trained model, 4x moves the logits); scaling is RoPE's alone."""
