@@ -17,12 +17,21 @@ of the keys, each sequence aligned bottom-right on its own; ``seqlen_q``/``seqle
 the longest lengths (the grid), and the batch strides are 0. ``LSE``/``DELTA`` are addressed
 by ``stride_lb``, ``stride_lh`` plus the query row (its packed index when varlen).
 
+Attention dropout (``HAS_DROPOUT``): the forward drops probabilities after the row sums
+(the softmax normalises over every key) and scales the output by ``1 / (1 - dropout_p)``;
+both backward kernels regenerate the keep-mask from the seed (``kernels/dropout.py``). The
+slope gradient (``HAS_SLOPE_GRAD``) comes from the ``dq`` kernel: ``dm_h = -sum dS * dist``
+over each program's rows, one fp32 partial per program in ``DSLOPE [B, Hq, slots]``, summed
+by the launcher (deterministic: no atomics). Both off, the kernels compile to the plain code.
+
 Batch and head offsets, and the row offset of every tile, are int64 (tensors past 2^31
 elements); offsets inside a tile stay int32.
 """
 
 import triton
 import triton.language as tl
+
+from .dropout import _dropout_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)  # compiled kernels reject plain float globals
 
@@ -140,14 +149,16 @@ def _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
 def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
                           stride_kn, stride_vn, stride_mn,
                           pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
+                          seed, bh, rows, dropout_p,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, SIGN: tl.constexpr,
-                          HAS_KEY_MASK: tl.constexpr,
+                          HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Online softmax over the key tiles ``[lo, hi)``, masked (``MASK``) or on the ``SIGN``
     side of every query row. ``K``, ``V``, ``KPM`` point at tile ``lo`` and come back past
     ``hi``; ``offs_*`` (int32) address a tile from there. ``pos_q``: the rows' ``i'`` (int32),
-    ``col = slope * [0, BLOCK_N)``."""
+    ``col = slope * [0, BLOCK_N)``. With ``HAS_DROPOUT``, the keep-mask of ``(bh, rows,
+    keys)`` under ``seed`` drops probabilities from the output (not from the row sums)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -185,6 +196,9 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
         p = tl.math.exp2(s - (m_safe + row)[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[:, None], (start_n + offs_n)[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
         acc = _mma(_narrow(p, v.dtype, INTERPRETER), v, acc * alpha[:, None], INPUT_PRECISION,
                    INTERPRETER)
         m_i = m_new
@@ -195,7 +209,7 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
 
 
 @triton.jit
-def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, sm_scale,
+def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, sm_scale, dropout_p,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -206,6 +220,7 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, sm_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -244,36 +259,43 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, sm_scale,
     offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     offs_v = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     col = slope * offs_n.to(tl.float32)
+    seed, bh = 0, off_b * tl.num_programs(1) + off_h  # dropout: the Philox key and counter
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     # keys before every row, the diagonal band (causal: and the end), then symmetric only:
     # keys after every row and the ragged end. A stage runs under `if` only when it has a
     # tile: a loop that may run zero times leaves ptxas a path where the accumulator is
     # written by moves while a wgmma is in flight, and it serialises every wgmma (C7515).
     if 0 < a:
         acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
-            pos_q, col, qk_scale, slope, seqlen_k, 0, a, HEAD_DIM, BLOCK_D, BLOCK_N,
-            IS_CAUSAL, False, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn, pos_q,
+            col, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
+            BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
     if a < b:
         acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
-            pos_q, col, qk_scale, slope, seqlen_k, a, b, HEAD_DIM, BLOCK_D, BLOCK_N,
-            IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn, pos_q,
+            col, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
+            BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
     if not IS_CAUSAL:
         if b < c:
             acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
                 acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
-                pos_q, col, qk_scale, slope, seqlen_k, b, c, HEAD_DIM, BLOCK_D, BLOCK_N,
-                IS_CAUSAL, False, -1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+                pos_q, col, qk_scale, slope, seqlen_k, b, c, seed, bh, offs_m, dropout_p, HEAD_DIM,
+                BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
+                INTERPRETER)
         if c < seqlen_k:
             acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
                 acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
-                pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k, HEAD_DIM, BLOCK_D, BLOCK_N,
-                IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+                pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k, seed, bh, offs_m, dropout_p,
+                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT,
+                INPUT_PRECISION, INTERPRETER)
     # a row with no visible key (causal, or all padded) has l = 0: output 0 and LSE +inf
     # (its gradients are then 0)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
     tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
     tl.store(O + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -314,11 +336,11 @@ def _alibi_attn_bwd_preprocess(O, DO, DELTA,
 @triton.jit
 def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, offs_do,
                                stride_qm, stride_dom, pos_k, col, qk_scale, slope, seqlen_q,
-                               shift, lo, hi,
+                               shift, lo, hi, seed, bh, dropout_p,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
                                MASK: tl.constexpr, SIGN: tl.constexpr,
-                               HAS_KEY_MASK: tl.constexpr,
+                               HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                                INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Accumulate one query head's query tiles ``[lo, hi)`` into ``dk``, ``dv [BLOCK_N,
     BLOCK_D]``: masked (``MASK``) or on the ``SIGN`` side of every key (+1: after).
@@ -352,10 +374,18 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, o
             pT = tl.where(k_rel[:, None] <= offs_m[None, :], pT, 0.0)
         if HAS_KEY_MASK:
             pT = tl.where(keep[:, None], pT, 0.0)
-        # -- dv += p^T do
-        dv = _mma(_narrow(pT, do.dtype, INTERPRETER), do, dv, INPUT_PRECISION, INTERPRETER)
+        # -- dv += p^T do (dropout: the kept probabilities; dv is scaled once, at the end)
+        if HAS_DROPOUT:
+            keepT = _dropout_keep(seed, bh, (start_m + offs_m)[None, :], pos_k[:, None],
+                                  dropout_p)
+            dv = _mma(_narrow(tl.where(keepT, pT, 0.0), do.dtype, INTERPRETER), do, dv,
+                      INPUT_PRECISION, INTERPRETER)
+        else:
+            dv = _mma(_narrow(pT, do.dtype, INTERPRETER), do, dv, INPUT_PRECISION, INTERPRETER)
         # -- dk += ds^T q, ds = p * (dp - delta)
         dpT = _dot(v, tl.trans(do), INPUT_PRECISION, INTERPRETER)
+        if HAS_DROPOUT:  # dp of the kept probabilities; delta = rowsum(o * do) already is
+            dpT = tl.where(keepT, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
         dsT = pT * (dpT - delta[None, :])
         dk = _mma(_narrow(dsT, qT.dtype, INTERPRETER), tl.trans(qT), dk, INPUT_PRECISION,
                   INTERPRETER)
@@ -367,7 +397,8 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, o
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, sm_scale,
+def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
+                         sm_scale, dropout_p,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
@@ -380,6 +411,7 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr,
                          INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``.
 
@@ -433,8 +465,12 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
     offs_do = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     for g in range(group):
         off_h = off_kvh * group + g
+        bh = off_b * (tl.num_programs(1) * group) + off_h
         slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
         col = slope * offs_m.to(tl.float32)
         row_lo = q0 + tl.cast(lo, tl.int64)
@@ -447,22 +483,24 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
             if 0 < a:
                 dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
                     dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
-                    stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, 0, a, HEAD_DIM,
-                    BLOCK_D, BLOCK_M, IS_CAUSAL, False, -1, HAS_KEY_MASK, INPUT_PRECISION,
-                    INTERPRETER)
+                    stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, 0, a, seed, bh,
+                    dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, -1, HAS_KEY_MASK,
+                    HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
         if a < b:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
-                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
-                stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, a, b, HEAD_DIM,
-                BLOCK_D, BLOCK_M, IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION,
+                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
+                pos_k, col, qk_scale, slope, seqlen_q, shift, a, b, seed, bh, dropout_p, HEAD_DIM,
+                BLOCK_D, BLOCK_M, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
                 INTERPRETER)
         if b < end:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
-                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
-                stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, b, end, HEAD_DIM,
-                BLOCK_D, BLOCK_M, IS_CAUSAL, False, 1, HAS_KEY_MASK, INPUT_PRECISION,
+                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
+                pos_k, col, qk_scale, slope, seqlen_q, shift, b, end, seed, bh, dropout_p, HEAD_DIM,
+                BLOCK_D, BLOCK_M, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
                 INTERPRETER)
     dk *= sm_scale
+    if HAS_DROPOUT:
+        dv *= 1.0 / (1.0 - dropout_p)
     tl.store(DK + offs_r[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _narrow(dk, DK.dtype.element_ty, INTERPRETER), mask=io_mask)
     tl.store(DV + offs_r[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -470,16 +508,19 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
 
 
 @triton.jit
-def _alibi_attn_bwd_dq_inner(dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
-                             stride_kn, stride_vn, stride_mn,
+def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta,
+                             offs_kT, offs_vT, stride_kn, stride_vn, stride_mn,
                              pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
+                             seed, bh, rows, dropout_p,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                              MASK: tl.constexpr, SIGN: tl.constexpr,
-                             HAS_KEY_MASK: tl.constexpr,
+                             HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                             HAS_SLOPE_GRAD: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """``dq`` over the key tiles ``[lo, hi)``, as the forward's stages (same arguments);
-    ``lse2`` is the LSE in log2 units."""
+    ``lse2`` is the LSE in log2 units. ``HAS_SLOPE_GRAD`` adds the row sums ``[BLOCK_M]`` of
+    ``p * dist * dp``, ``p * dist`` and ``p * dp`` (see :func:`_alibi_attn_bwd_dq`)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -508,30 +549,48 @@ def _alibi_attn_bwd_dq_inner(dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT
             p = tl.where(kv_mask[None, :], p, 0.0)
         # -- dq += ds k, ds = p * (dp - delta)
         dp = _dot(do, vT, INPUT_PRECISION, INTERPRETER)
+        if HAS_DROPOUT:  # dp of the kept probabilities; delta = rowsum(o * do) already is
+            keep = _dropout_keep(seed, bh, rows[:, None], (start_n + offs_n)[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SLOPE_GRAD:  # p is 0 for hidden keys: they add nothing
+            rel = i_rel.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]  # i' - j
+            if MASK and not IS_CAUSAL:
+                pd = p * tl.abs(rel)
+            elif MASK:
+                pd = p * rel
+            else:
+                pd = p * (SIGN * rel)
+            p_dist_dp += tl.sum(pd * dp, 1)
+            p_dist += tl.sum(pd, 1)
+            p_dp += tl.sum(p * dp, 1)
         dq = _mma(_narrow(ds, kT.dtype, INTERPRETER), tl.trans(kT), dq, INPUT_PRECISION,
                   INTERPRETER)
         K += BLOCK_N * stride_kn
         V += BLOCK_N * stride_vn
         KPM += BLOCK_N * stride_mn
-    return dq, K, V, KPM
+    return dq, p_dist_dp, p_dist, p_dp, K, V, KPM
 
 
 @triton.jit
-def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, sm_scale,
+def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
+                       sm_scale, dropout_p,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                       stride_dsb, stride_dsh,
                        group, seqlen_q, seqlen_k,
                        SQ_BUCKET, SK_BUCKET,  # autotune key only
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, HAS_SLOPE_GRAD: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``."""
+    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``, and with ``HAS_SLOPE_GRAD``
+    this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -570,31 +629,47 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, sm_
     offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     offs_vT = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    p_dist_dp = tl.zeros([BLOCK_M], tl.float32)
+    p_dist = tl.zeros([BLOCK_M], tl.float32)
+    p_dp = tl.zeros([BLOCK_M], tl.float32)
+    seed, bh = 0, off_b * tl.num_programs(1) + off_h
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
                       IS_CAUSAL, False)
     # the forward's stages, each under `if`
     if 0 < a:
-        dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
-            dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
-            stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, HEAD_DIM, BLOCK_D,
-            BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+        dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
+            stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m,
+            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT,
+            HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
     if a < b:
-        dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
-            dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
-            stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, HEAD_DIM, BLOCK_D,
-            BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+        dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
+            stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m,
+            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT,
+            HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
     if not IS_CAUSAL:
         if b < c:
-            dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
-                dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
-                stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c, HEAD_DIM, BLOCK_D,
-                BLOCK_N, IS_CAUSAL, False, -1, HAS_KEY_MASK, INPUT_PRECISION, INTERPRETER)
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c, seed,
+                bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1,
+                HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
         if c < seqlen_k:
-            dq, K, V, KPM = _alibi_attn_bwd_dq_inner(
-                dq, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn, stride_vn,
-                stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k, HEAD_DIM,
-                BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, INPUT_PRECISION,
-                INTERPRETER)
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k,
+                seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1,
+                HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+    if HAS_SLOPE_GRAD:
+        # The bias is -m * dist: dm = -sum_ij dS * dist with dS = p * (dp - delta_i), summed
+        # per row as p_dist_dp - delta_i * p_dist. delta_i is rowsum(p * dp) = p_dp, formed
+        # here in fp32: the DELTA of dq, dk (rowsum(o * do)) reads o rounded to fp16/bf16, an
+        # error that dist, growing along the row, would not average out.
+        tl.store(DSLOPE + off_b * stride_dsb + off_h * stride_dsh + tl.program_id(0),
+                 tl.sum(p_dp * p_dist - p_dist_dp, 0))
     dq *= sm_scale
     tl.store(DQ + offs_r[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              _narrow(dq, DQ.dtype.element_ty, INTERPRETER), mask=io_mask)

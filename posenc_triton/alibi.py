@@ -256,12 +256,14 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None,
                     max_seqlen_k: Optional[int] = None,
-                    cache_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    cache_seqlens: Optional[torch.Tensor] = None,
+                    dropout_p: float = 0.0) -> torch.Tensor:
     """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Sq, D]``, ``k, v [B, Hk, Sk, D]`` (``layout="bhsd"``) or ``[B, S, H, D]``
     (``"bshd"``), any strides, ``Hq % Hk == 0``, ``D <= 256``, ``Sq, Sk <= 2^24``; ``slopes``
-    float32 ``[Hq]`` or ``[B, Hq]`` (default :func:`alibi_slopes`), no gradient. Query ``i``
+    float32 ``[Hq]`` or ``[B, Hq]`` (default :func:`alibi_slopes`); slopes that require grad
+    get their gradient from the fused backward (trainable ALiBi; deterministic). Query ``i``
     sits at key position ``i + Sk - Sq`` (bottom-right); a causal row that sees no key
     outputs 0. ``scale`` defaults to ``1/sqrt(D)``. ``key_padding_mask`` bool ``[B, Sk]``
     (True = keep, like flash-attn's ``attention_mask``; any strides) hides padded keys from
@@ -269,6 +271,11 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     The mask leaves the queries aligned to the padded length ``Sk``: with a right-padded KV
     cache and more than one query row, a causal query would then see keys of its future;
     caches filled to a different length per sequence pass ``cache_seqlens`` instead.
+    ``dropout_p`` in ``[0, 1)`` drops attention probabilities inside the kernel and scales
+    the rest by ``1 / (1 - dropout_p)``, as SDPA's ``dropout_p`` does (pass 0 in eval mode);
+    the mask comes from a Philox key drawn from the device's default generator
+    (``torch.manual_seed`` reproduces it; CUDA-graph capture works) and the backward
+    regenerates it.
     Returns ``out`` shaped like ``q`` in ``layout``. fp16, bf16 and fp32 run the kernels;
     float64 runs the PyTorch reference on any device (for checking; it materialises the scores).
 
@@ -277,12 +284,13 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     valid keys of sequence ``b`` (those of the current queries included): keys from
     ``cache_seqlens[b]`` on are invisible and query ``i`` sits at key position
     ``i + cache_seqlens[b] - Sq``. Composes with ``key_padding_mask`` and ``[B, Hq]`` slopes,
-    not with packed input. Forward only (as flash-attn's): q, k, v must not require grad.
+    not with packed input. Forward only (as flash-attn's): q, k, v and slopes must not
+    require grad, and ``dropout_p`` must be 0.
     The value check is a device sync, skipped under ``torch.compile`` and capture.
 
     Few query rows against many keys (decoding, chunked prefill) run a split-KV kernel,
     chosen by shape (:func:`posenc_triton.alibi_decode.use_split`), with the same results;
-    ``cache_seqlens`` always runs it.
+    ``cache_seqlens`` always runs it. Calls with dropout run the dense kernel.
 
     Packed variable-length input (flash-attn's ``flash_attn_varlen_func`` convention):
     ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]`` and int32/int64 ``cu_seqlens_q``,
@@ -294,6 +302,15 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     does not apply. Returns ``out [total_q, Hq, D]``.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    slopes_grad = (torch.is_grad_enabled() and isinstance(slopes, torch.Tensor)
+                   and slopes.requires_grad)
+    if cache_seqlens is not None and (dropout_p > 0 or slopes_grad):
+        raise ValueError("cache_seqlens is for inference (forward only): pass dropout_p=0 "
+                         "and slopes that do not require grad")
     if varlen and cache_seqlens is not None:
         raise ValueError("cache_seqlens does not apply to packed input (cu_seqlens): packed "
                          "sequences carry their key lengths in cu_seqlens_k")
@@ -325,17 +342,19 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask=key_padding_mask)
         if varlen:
             return alibi_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, slopes,
-                                                    is_causal=is_causal, scale=scale)
+                                                    is_causal=is_causal, scale=scale,
+                                                    dropout_p=dropout_p)
         return alibi_attention_reference(q, k, v, slopes, is_causal=is_causal, scale=scale,
                                          layout=layout, upcast=True,
-                                         key_padding_mask=key_padding_mask)
+                                         key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     if cache_seqlens is not None:
         return alibi_kvcache_forward(q, k, v, slopes.contiguous(), key_padding_mask,
                                      cache_seqlens.contiguous(), is_causal, scale, layout)[0]
     if varlen:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    seed = alibi_ops.draw_dropout_seed(q.device) if dropout_p > 0 else None
     args = (q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, seed)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, slopes)):
         return alibi_ops.AlibiAttentionFunction.apply(*args)
     return alibi_ops.alibi_forward(*args)[0]  # the thin path: no autograd node

@@ -101,7 +101,8 @@ def _kernels(interpreting: bool):
     return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
 
 
-def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool, varlen: bool) -> dict:
+def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool, varlen: bool,
+                 dropout_p: float = 0.0) -> dict:
     """Constexprs shared by the kernels (and the fixed tile when interpreting)."""
     interpreting = _backend.interpreting()
     head_dim = q.shape[-1]
@@ -111,6 +112,7 @@ def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool, varlen: b
         "IS_CAUSAL": is_causal,
         "HAS_KEY_MASK": has_key_mask,
         "IS_VARLEN": varlen,
+        "HAS_DROPOUT": dropout_p > 0,
         # fp32 inputs get IEEE fp32 products (PyTorch's default matmul), not TF32.
         "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreting else None,
         # work around the interpreter's bf16 dot and bf16 rounding
@@ -165,6 +167,30 @@ def _key_mask_args(key_padding_mask: Optional[torch.Tensor], slopes: torch.Tenso
     return (key_padding_mask.view(torch.uint8), *key_padding_mask.stride())
 
 
+def draw_dropout_seed(device) -> torch.Tensor:
+    """A fresh Philox key, int64 ``[1]`` on ``device``, drawn from that device's default
+    generator: ``torch.manual_seed`` reproduces it, and CUDA-graph capture records the draw
+    (the kernels read it from memory, never the host)."""
+    return torch.randint(1 << 62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_heads: int,
+                      seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+    """The keep-mask the kernels draw for ``seed``: bool ``[B, Hq, Sq, Sk]`` (``[B, Hq,
+    max_seqlen_q, max_seqlen_k]`` for packed input, each sequence in its top-left corner).
+    A test hook, like flash-attn's ``return_attn_probs``: it materialises ``Sq x Sk``."""
+    from posenc_triton.kernels import dropout
+
+    mask = torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.uint8,
+                       device=seed.device)
+    if mask.numel() > 0:
+        grid = (batch * num_heads, _backend.cdiv(seqlen_q, 16), _backend.cdiv(seqlen_k, 16))
+        with _backend.device_guard(seed):
+            dropout._dropout_mask_kernel[grid](seed, mask, dropout_p, seqlen_q, seqlen_k,
+                                               BLOCK_M=16, BLOCK_N=16)
+    return mask.bool()
+
+
 def _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes: torch.Tensor) -> tuple:
     """``(CU_Q, CU_K)``; never-read stand-ins when not packed (``IS_VARLEN`` off)."""
     if cu_seqlens_q is None:
@@ -178,7 +204,8 @@ def _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes: torch.Tensor) -> tuple:
 
 
 def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q, max_seqlen_k, is_causal, scale, layout, wrap=False):
+                            max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
+                            dropout_p=0.0, seed=None, wrap=False):
     """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
     ``[B, Hq, Sq]`` (``[1, Hq, total_q]`` packed; natural log, ``+inf`` for rows that see no
     key).
@@ -186,13 +213,16 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
     ``slopes`` is contiguous float32 ``[Hq]`` or ``[B, Hq]``, ``key_padding_mask`` bool
     ``[B, Sk]`` (any strides) or None. With ``cu_seqlens_q``/``cu_seqlens_k`` (int ``[B + 1]``)
     ``q``, ``k``, ``v`` are packed ``[total, H, D]`` and ``max_seqlen_*`` bound the lengths.
-    Arguments are already checked. ``wrap`` launches through :func:`_backend.launcher` (the
-    body of the ``torch.library`` op, seen by ``torch.compile``). Few query rows against
-    many keys run split-KV (:mod:`posenc_triton.alibi_decode`; the rule is its ``use_split``).
+    ``dropout_p > 0`` drops probabilities with the Philox key ``seed`` (int64 ``[1]``, from
+    :func:`draw_dropout_seed`). Arguments are already checked. ``wrap`` launches through
+    :func:`_backend.launcher` (the body of the ``torch.library`` op, seen by
+    ``torch.compile``). Few query rows against many keys run split-KV, without dropout
+    (:mod:`posenc_triton.alibi_decode`; the rule is its ``use_split``).
     """
     from posenc_triton import alibi_decode  # lazily: it reuses this module's helpers
 
-    if alibi_decode.use_split(q, k, layout, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    if dropout_p == 0 and alibi_decode.use_split(q, k, layout, cu_seqlens_q, max_seqlen_q,
+                                                 max_seqlen_k):
         return alibi_decode.alibi_decode_forward(
             q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             max_seqlen_k, is_causal, scale, layout, wrap=wrap)
@@ -206,13 +236,14 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     if out.numel() > 0 and seqlen_q > 0:
         fwd = _kernels(_backend.interpreting())[0]
-        meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen)
+        meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
         with _backend.device_guard(q):
             _launch(fwd, wrap)[grid](
                 q, k, v, out, lse, slopes, mask,
-                *_cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), scale,
+                *_cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes),
+                slopes if seed is None else seed, scale, dropout_p,
                 *_strides(q, k, v, out, varlen=varlen), *_lse_strides(lse, varlen),
                 _slope_batch_stride(slopes), stride_mb, stride_mn,
                 num_heads // num_kv_heads, seqlen_q, seqlen_k,
@@ -222,8 +253,9 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
 
 def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, is_causal, scale,
-                             layout, wrap=False):
-    """``(dq, dk, dv)`` shaped like ``q, k, v``, each contiguous in ``layout``."""
+                             layout, dropout_p=0.0, seed=None, slopes_grad=False, wrap=False):
+    """``(dq, dk, dv, dslopes)``: the first three shaped like ``q, k, v``, each contiguous in
+    ``layout``; ``dslopes`` float32 like ``slopes`` with ``slopes_grad``, else empty."""
     varlen = cu_seqlens_q is not None
     grad_out, q, k, v, out = (_bhsd(t, layout, varlen) for t in (grad_out, q, k, v, out))
     num_heads, seqlen_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
@@ -233,10 +265,16 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
     dk = _empty_bhsd(k.shape, layout, k, varlen)
     dv = _empty_bhsd(v.shape, layout, v, varlen)
     _, preprocess, dkdv, dq_kernel = _kernels(_backend.interpreting())
-    meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen)
+    meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
     mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
     cu_q, cu_k = _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes)
+    seed = slopes if seed is None else seed
     delta = torch.empty_like(lse)
+    # One fp32 partial slope gradient per dq program, in slots enough for the smallest tile
+    # the autotuner may pick (slots it does not reach stay 0); summed below, deterministic.
+    slots = _backend.cdiv(max_seqlen_q if varlen else seqlen_q, _min_block_m())
+    slots = slots if slopes_grad else 0
+    dslope_parts = torch.zeros((batch, num_heads, slots), dtype=torch.float32, device=q.device)
     with _backend.device_guard(q):
         if dq.numel() > 0:
             # rowsum(out * grad_out) needs no sequence bounds: packed rows are one long batch
@@ -252,14 +290,27 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
         if dq.numel() > 0 and seqlen_q > 0:
             grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
             _launch(dq_kernel, wrap)[grid](
-                q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, scale,
-                *_strides(q, k, v, grad_out, dq, varlen=varlen), *common, **meta)
+                q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, seed,
+                dslope_parts, scale, dropout_p,
+                *_strides(q, k, v, grad_out, dq, varlen=varlen), *common[:5],
+                *dslope_parts.stride()[:2], *common[5:], HAS_SLOPE_GRAD=slopes_grad, **meta)
         if dk.numel() > 0 and seqlen_k > 0:
             grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
             _launch(dkdv, wrap)[grid](
-                q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, cu_q, cu_k, scale,
-                *_strides(q, k, v, grad_out, dk, dv, varlen=varlen), *common, **meta)
-    return tuple(_layout(t, layout, varlen) for t in (dq, dk, dv))
+                q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, cu_q, cu_k, seed, scale,
+                dropout_p, *_strides(q, k, v, grad_out, dk, dv, varlen=varlen), *common, **meta)
+    dslopes = dslope_parts.sum(-1)  # [B, Hq]
+    if slopes_grad and slopes.dim() == 1:
+        dslopes = dslopes.sum(0)
+    return (*(_layout(t, layout, varlen) for t in (dq, dk, dv)), dslopes.reshape(slopes.shape)
+            if slopes_grad else dslopes.new_empty(0))
+
+
+def _min_block_m() -> int:
+    """The smallest ``BLOCK_M`` the ``dq`` kernel may run with."""
+    if _backend.interpreting():
+        return _INTERPRETER_META["BLOCK_M"]
+    return min(c[0] for c in _DQ_CONFIGS)
 
 
 def _launch(kernel, wrap: bool):
@@ -271,11 +322,12 @@ def _alibi_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                             cu_seqlens_q: Optional[torch.Tensor],
                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-                            max_seqlen_k: int, is_causal: bool, scale: float,
-                            layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+                            max_seqlen_k: int, is_causal: bool, scale: float, layout: str,
+                            dropout_p: float, seed: Optional[torch.Tensor],
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     return alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q,
                                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                                   layout, wrap=True)
+                                   layout, dropout_p, seed, wrap=True)
 
 
 @_backend.library_op("posenc_triton::alibi_attention_bwd", mutates_args=())
@@ -285,11 +337,13 @@ def _alibi_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             cu_seqlens_q: Optional[torch.Tensor],
                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
                             max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor,
-                            is_causal: bool, scale: float,
-                            layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            is_causal: bool, scale: float, layout: str, dropout_p: float,
+                            seed: Optional[torch.Tensor], slopes_grad: bool,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q,
                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse,
-                                    is_causal, scale, layout, wrap=True)
+                                    is_causal, scale, layout, dropout_p, seed, slopes_grad,
+                                    wrap=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,24 +359,28 @@ def alibi_forward(*args):
 
 class AlibiAttentionFunction(torch.autograd.Function):
     """ALiBi attention of checked arguments (:func:`alibi_forward`'s); backward recomputes the
-    probabilities from the saved log-sum-exp (FlashAttention-2) and returns ``dq, dk, dv``."""
+    probabilities from the saved log-sum-exp (FlashAttention-2), and the dropout mask from
+    ``seed``, and returns ``dq, dk, dv`` and, when ``slopes`` requires it, the slope gradient
+    (from the fused backward: no ``Sq x Sk`` tensor)."""
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                max_seqlen_q, max_seqlen_k, is_causal, scale, layout):
+                max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, seed):
         out, lse = alibi_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+                                 max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
+                                 dropout_p, seed)
         ctx.save_for_backward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                              out, lse)
-        ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout)
+                              out, lse, seed)
+        ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, slopes, key_padding_mask, cu_q, cu_k, out, lse = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, is_causal, scale, layout = ctx.args
-        dq, dk, dv = _backend.call_op(
+        q, k, v, slopes, key_padding_mask, cu_q, cu_k, out, lse, seed = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p = ctx.args
+        slopes_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dslopes = _backend.call_op(
             torch.ops.posenc_triton.alibi_attention_bwd, alibi_attention_backward,
             grad_out, q, k, v, slopes, key_padding_mask, cu_q, cu_k, max_seqlen_q,
-            max_seqlen_k, out, lse, is_causal, scale, layout)
-        return dq, dk, dv, *(None,) * 9
+            max_seqlen_k, out, lse, is_causal, scale, layout, dropout_p, seed, slopes_grad)
+        return dq, dk, dv, dslopes if slopes_grad else None, *(None,) * 10

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from posenc_triton import _backend, _checks, reference
 from posenc_triton.alibi import MAX_HEAD_DIM, alibi_attention, alibi_slopes
-from posenc_triton.reference import _SelfAttention, alibi_attention_reference
+from posenc_triton.reference import _SelfAttention
 from posenc_triton.rope import LAYOUTS, apply_rope
 from posenc_triton.rope_scaling import _real, rope_cos_sin, rope_frequencies
 
@@ -44,19 +44,34 @@ _FLOAT32_TABLES = ("inv_freq", "cos_sin_cached", "slopes")
 class _Float32Tables:
     """Mixin: ``.to(dtype)``, ``.half()``, ``.double()`` move the position tables (RoPE's
     frequencies and cos/sin, ALiBi's slopes) with the module but keep them float32, as the
-    kernels expect; the weights are cast as usual."""
+    kernels expect; the weights are cast as usual. A table that is a parameter (trainable
+    ALiBi slopes) keeps its ``Parameter`` object, with its data and gradient float32."""
 
     def _apply(self, fn, recurse=True):
-        tables = [(module, name, buf) for module in self.modules()
-                  for name, buf in module._buffers.items()
-                  if name in _FLOAT32_TABLES and buf is not None and buf.dtype == torch.float32]
+        tables = [(store, name, t, _float32_data(t))
+                  for module in self.modules() for store in (module._buffers, module._parameters)
+                  for name, t in store.items()
+                  if name in _FLOAT32_TABLES and t is not None and t.dtype == torch.float32]
         super()._apply(fn, recurse)
         with torch.inference_mode(False):  # a cache moved under inference mode stays usable
-            for module, name, before in tables:
-                after = module._buffers[name]
-                if after is not None and after.dtype != torch.float32:
-                    module._buffers[name] = before.to(after.device)
+            for store, name, before, (data, grad) in tables:
+                after = store[name]
+                if after is None or after.dtype == torch.float32:
+                    continue
+                if isinstance(after, torch.nn.Parameter):
+                    after.data = data.to(after.device)
+                    after.grad = None if grad is None else grad.to(after.device)
+                else:
+                    store[name] = before.to(after.device)
         return self
+
+
+def _float32_data(t: torch.Tensor):
+    """``(data, grad)`` of a Parameter: aliases of its storage, which a cast may swap out
+    under the same object; ``(None, None)`` for a buffer."""
+    if not isinstance(t, torch.nn.Parameter):
+        return None, None
+    return t.data, None if t.grad is None else t.grad.data
 
 
 class RotaryEmbedding(_Float32Tables, torch.nn.Module):
@@ -225,7 +240,9 @@ class ALiBiAttention(_Float32Tables, _SelfAttention):
     ``head_dim = d_model // num_heads`` must be at most 256. The slopes
     (:func:`alibi_slopes`) are a float32 non-persistent buffer ``slopes [num_heads]``: they
     follow the module's device, stay float32 when the weights are cast, are not in the
-    ``state_dict``, and may be replaced by custom slopes.
+    ``state_dict``, and may be replaced by custom slopes. ``trainable_slopes=True`` makes
+    them a parameter instead (initialised the same, float32 whatever the weights' dtype, in
+    the ``state_dict``), whose gradient comes from the fused backward.
 
     ``forward(x, attention_mask=None, is_causal=False)``: ``x [B, S, d_model]`` →
     ``[B, S, d_model]``; ``attention_mask`` bool ``[B, S]`` (True = real token, False =
@@ -233,34 +250,34 @@ class ALiBiAttention(_Float32Tables, _SelfAttention):
     ``is_causal`` uses the causal ALiBi bias (``-m (i - j)`` for ``j <= i``), otherwise the
     symmetric one (``-m |i - j|``, encoders).
 
-    Attention dropout: the fused kernel has none, so in training mode with ``dropout > 0``
-    the module falls back to the reference path (:func:`alibi_attention_reference`, which
-    materialises the ``S x S`` scores and drops attention probabilities); in eval mode, or
-    with ``dropout=0``, it always runs the kernel.
+    Attention dropout (training mode) runs inside the fused kernel
+    (:func:`alibi_attention`'s ``dropout_p``): no configuration falls back to the reference.
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
                  dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
-                 bias: bool = False, device=None, dtype=None):
+                 bias: bool = False, trainable_slopes: bool = False, device=None, dtype=None):
         super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
                          bias=bias, device=device, dtype=dtype)
         if self.head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim = d_model // num_heads = {d_model} // {num_heads} = "
                              f"{self.head_dim} exceeds ALiBi's maximum {MAX_HEAD_DIM}")
-        self.register_buffer("slopes", alibi_slopes(num_heads, device), persistent=False)
+        if not isinstance(trainable_slopes, bool):
+            raise TypeError(f"trainable_slopes must be a bool, got {trainable_slopes!r}")
+        slopes = alibi_slopes(num_heads, device)
+        if trainable_slopes:
+            self.slopes = torch.nn.Parameter(slopes)
+        else:
+            self.register_buffer("slopes", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         self._check_input(x, attention_mask, is_causal)
         batch, seqlen, _ = x.shape
         q, k, v = self._project(x)  # [B, S, H, D] views: the kernel reads them in place
-        if self.training and self.dropout > 0:
-            out = alibi_attention_reference(q, k, v, self.slopes, is_causal=is_causal,
-                                            layout="bshd", key_padding_mask=attention_mask,
-                                            dropout_p=self.dropout)
-        else:
-            out = alibi_attention(q, k, v, self.slopes, is_causal=is_causal, layout="bshd",
-                                  key_padding_mask=attention_mask)
+        out = alibi_attention(q, k, v, self.slopes, is_causal=is_causal, layout="bshd",
+                              key_padding_mask=attention_mask,
+                              dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.reshape(batch, seqlen, self.d_model))
 
 

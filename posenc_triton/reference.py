@@ -139,6 +139,7 @@ def alibi_attention_reference(
     upcast: bool = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference for :func:`posenc_triton.alibi_attention`, materialising ``Sq x Sk`` scores.
 
@@ -147,7 +148,9 @@ def alibi_attention_reference(
     the "same-dtype PyTorch" baseline of the error rule. ``key_padding_mask`` bool ``[B, Sk]``
     (True = keep) masks padded keys for every query. Rows with no visible key give 0.
     ``dropout_p > 0`` zeroes attention probabilities with that probability (and rescales
-    the rest by ``1 / (1 - dropout_p)``), as ``F.scaled_dot_product_attention`` does.
+    the rest by ``1 / (1 - dropout_p)``), as ``F.scaled_dot_product_attention`` does;
+    ``dropout_mask`` (bool ``[B, Hq, Sq, Sk]``, True = keep) fixes which ones survive
+    instead of drawing them (the kernels' mask, for tests).
     """
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -171,7 +174,9 @@ def alibi_attention_reference(
     # no gradient.
     empty = torch.isinf(bias).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    if dropout_p > 0:
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    elif dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, dropout_p)
     out = probs.to(compute) @ v
     if layout == "bshd":
@@ -190,23 +195,28 @@ def alibi_attention_varlen_reference(
     is_causal: bool = True,
     scale: Optional[float] = None,
     upcast: bool = True,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference for packed input: ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]``.
 
     Sequence ``b`` (rows ``cu_seqlens[b] : cu_seqlens[b + 1]``) is attended alone by
-    :func:`alibi_attention_reference`, with ``slopes[b]`` when ``slopes`` is ``[B, Hq]``.
+    :func:`alibi_attention_reference`, with ``slopes[b]`` when ``slopes`` is ``[B, Hq]``,
+    and the top-left ``[Hq, Sq_b, Sk_b]`` corner of ``dropout_mask[b]`` (bool ``[B, Hq,
+    max_Sq, max_Sk]``) when given.
     """
     if slopes is None:
         slopes = torch.tensor(alibi_slopes_list(q.shape[1]), device=q.device)
     bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:],
                  cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
-    outs = [
-        alibi_attention_reference(
+    outs = []
+    for b, (q0, q1, k0, k1) in enumerate(bounds):
+        keep = None if dropout_mask is None else dropout_mask[b:b + 1, :, :q1 - q0, :k1 - k0]
+        outs.append(alibi_attention_reference(
             q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
             slopes if slopes.dim() == 1 else slopes[b:b + 1], is_causal=is_causal,
-            scale=scale, layout="bshd", upcast=upcast)[0]
-        for b, (q0, q1, k0, k1) in enumerate(bounds)
-    ]
+            scale=scale, layout="bshd", upcast=upcast, dropout_p=dropout_p,
+            dropout_mask=keep)[0])
     return torch.cat(outs) if outs else q * 0
 
 
@@ -397,7 +407,19 @@ class ALiBiAttentionReference(_SelfAttention):
     Projects, then runs :func:`alibi_attention_reference` (materialised scores, ALiBi bias,
     masks, softmax, dropout in training mode, PV) in the module's dtype with the default
     slopes :func:`alibi_slopes_list`. ``attention_mask`` bool ``[B, S]`` (True = keep).
+    ``trainable_slopes=True`` makes the slopes a parameter ``slopes [num_heads]`` (float32,
+    initialised from :func:`alibi_slopes_list`; cast with the module).
     """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
+                 dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
+                 bias: bool = False, trainable_slopes: bool = False, device=None, dtype=None):
+        super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
+                         bias=bias, device=device, dtype=dtype)
+        if not isinstance(trainable_slopes, bool):
+            raise TypeError(f"trainable_slopes must be a bool, got {trainable_slopes!r}")
+        slopes = torch.tensor(alibi_slopes_list(num_heads), dtype=torch.float32, device=device)
+        self.register_parameter("slopes", torch.nn.Parameter(slopes) if trainable_slopes else None)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -405,6 +427,6 @@ class ALiBiAttentionReference(_SelfAttention):
         batch, seqlen, _ = x.shape
         q, k, v = self._project(x)
         out = alibi_attention_reference(
-            q, k, v, None, is_causal=is_causal, layout="bshd", upcast=False,
+            q, k, v, self.slopes, is_causal=is_causal, layout="bshd", upcast=False,
             key_padding_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.reshape(batch, seqlen, self.d_model))
