@@ -76,7 +76,7 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
 # of a KV head (GQA, group > 1) spills 556-872 B of scalars at (32, 64, 4, 3).
 _SPILLS = {"fwd": {"symmetric": [(128, 64, 8, 3)]}, "dkdv": {"gqa": [(32, 64, 4, 3)]}}
 _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
-                 "IS_VARLEN", "INPUT_PRECISION"]
+                 "IS_VARLEN", "HAS_DROPOUT", "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 _PREPROCESS_BLOCK_M = 64
 
@@ -96,7 +96,7 @@ def _kernels(interpreting: bool):
                                 _prune_configs, kernel=name)})(kernel)
             for kernel, configs, name, extra_key in zip(
                 kernels, (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS), ("fwd", "dkdv", "dq"),
-                ([], ["group"], [])))
+                ([], ["group"], ["HAS_SLOPE_GRAD"])))
     fwd, dkdv, dq = kernels
     return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
 
