@@ -16,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _tutorial_fwd(Q, K, V, O, M, sm_scale, stride_h, stride_m, seqlen,
+def _tutorial_fwd(Q, K, V, Out, M, sm_scale, stride_h, stride_m, seqlen,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     base = tl.program_id(1).to(tl.int64) * stride_h
@@ -42,8 +42,8 @@ def _tutorial_fwd(Q, K, V, O, M, sm_scale, stride_h, stride_m, seqlen,
         k_ptrs += BLOCK_N * stride_m
         v_ptrs += BLOCK_N * stride_m
     tl.store(M + tl.program_id(1) * seqlen + offs_m, m_i + tl.math.log2(l_i))
-    tl.store(O + base + offs_m[:, None] * stride_m + offs_d[None, :],
-             (acc / l_i[:, None]).to(O.dtype.element_ty))
+    tl.store(Out + base + offs_m[:, None] * stride_m + offs_d[None, :],
+             (acc / l_i[:, None]).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -115,7 +115,8 @@ def launches(case):
     ints = (t.stride(0), t.stride(1), SEQLEN)
     meta = {"HEAD_DIM": case.head_dim}
     kernels = {"tutorial-fwd": (_tutorial_fwd, (t, t, t, t, lse, 0.5, *ints),
-                                alibi_ops._FWD_CONFIGS + [(64, 128, 4, 3), (128, 32, 4, 3)]),
+                                [*alibi_ops._FWD_CONFIGS, (128, 128, 8, 3), (64, 128, 4, 3),
+                                 (128, 32, 4, 3)]),
                "tutorial-dkdv": (_tutorial_dkdv, (t, t, t, t, t, t, lse, lse, *ints),
                                  alibi_ops._DKDV_CONFIGS),
                "tutorial-dq": (_tutorial_dq, (t, t, t, t, t, lse, lse, *ints),
