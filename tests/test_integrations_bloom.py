@@ -220,7 +220,7 @@ def test_patch_rejects_other_models():
         hf.patch_bloom("bigscience/bloom-560m")
 
 
-def test_fallback_output_attentions_and_dropout(count_calls):
+def test_fallback_output_attentions_and_dropout(count_calls, monkeypatch):
     model = make_model(4).eval()
     inputs, _ = batch_inputs(padding="left")
     want = model(**inputs, output_attentions=True)
@@ -232,7 +232,9 @@ def test_fallback_output_attentions_and_dropout(count_calls):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     drop = make_model(4, attention_dropout=0.5)
     hf.patch_bloom(drop)
-    drop.train()(**inputs)  # dropout on the probabilities: original forward
+    monkeypatch.setattr("posenc_triton._backend._WARNED", set())
+    with pytest.warns(UserWarning, match="transformers' own attention in training"):
+        drop.train()(**inputs)  # dropout on the probabilities: original forward, said once
     assert not count_calls
     drop.eval()(**inputs)  # no dropout in eval: the kernel
     assert len(count_calls) == 2

@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from posenc_triton import _backend
 from posenc_triton.integrations._hf import modeling
 
 BLOOM = "transformers.models.bloom.modeling_bloom"
@@ -119,8 +120,12 @@ def mask_value_check(mask, visible, expected):
 
 def plain(module, training_dropout: float, verify: bool, **flags) -> bool:
     """Whether a layer must run transformers' own forward before looking at its tensors."""
-    return (any(flags.values()) or (module.training and training_dropout > 0)
-            or (verify and torch.compiler.is_compiling()))
+    dropout = module.training and training_dropout > 0
+    if dropout:
+        _backend.warn_once(f"posenc_triton: {type(module).__name__} runs transformers' own "
+                           "attention in training with attention dropout > 0 (the fused path "
+                           "runs without dropout)")
+    return any(flags.values()) or dropout or (verify and torch.compiler.is_compiling())
 
 
 def check_keys(got: int, want: int, where: str) -> None:
