@@ -78,7 +78,10 @@ def fwd_bwd(fn, inputs, grad_out=None):
 
 def check_compiled(step, inputs, rtol=None, atol=None, **compile_kwargs):
     """``torch.compile(step, fullgraph=True)`` (no graph break) gives eager ``step``'s output
-    and gradients w.r.t. ``inputs``, within ``rtol``/``atol`` (default: dtype's)."""
+    and gradients w.r.t. ``inputs``, within ``rtol``/``atol`` (default: dtype's). Dynamo's
+    caches are reset first: the suite compiles the same public functions many times, and
+    past its recompile limit a ``fullgraph`` compile raises instead of tracing."""
+    torch._dynamo.reset()
     out, grads, grad_out = fwd_bwd(torch.compile(step, fullgraph=True, **compile_kwargs), inputs)
     want, want_grads, _ = fwd_bwd(step, inputs, grad_out)
     for got, expected in zip((out, *grads), (want, *want_grads)):
