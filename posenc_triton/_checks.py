@@ -62,3 +62,13 @@ def check_device(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str 
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}: "
                          "they must be on one device")
+
+
+def check_activations(x, d_model: int) -> None:
+    """``x`` is a floating ``[B, S, d_model]`` tensor (a layer's input)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x must be [B, S, d_model={d_model}], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")

@@ -325,13 +325,7 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
         return pe.to(positions.device, dtype)
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [B, S, d_model={self.d_model}], got shape "
-                             f"{tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        _checks.check_activations(x, self.d_model)
         batch, seqlen, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=x.device)

@@ -288,13 +288,7 @@ class _SelfAttention(torch.nn.Module):
         self.o_proj = torch.nn.Linear(d_model, d_model, **factory)
 
     def _check_input(self, x, attention_mask, is_causal) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [B, S, d_model={self.d_model}], got shape "
-                             f"{tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        _checks.check_activations(x, self.d_model)
         _checks.check_bool("is_causal", is_causal)
         if attention_mask is None:
             return
