@@ -43,6 +43,16 @@ def finite_real(name: str, value) -> float:
     return float(value)
 
 
+def shape_in(t: torch.Tensor, *shapes) -> bool:
+    """Whether ``t``'s shape is one of ``shapes``, compared size by size: under
+    ``torch.compile`` with a dynamic size, a tuple's ``in`` compares symbolic sizes by
+    identity and refuses a shape that matches."""
+    for shape in shapes:
+        if t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape)):
+            return True
+    return False
+
+
 def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -114,7 +114,7 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
             raise TypeError(f"slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
         if slopes.dtype != torch.float32:
             raise TypeError(f"slopes must be float32, got {slopes.dtype}")
-        if tuple(slopes.shape) not in ((num_heads,), (batch, num_heads)):
+        if not _checks.shape_in(slopes, (num_heads,), (batch, num_heads)):
             raise ValueError(f"slopes must have shape [{num_heads}] or [{batch}, {num_heads}] "
                              f"([Hq] or [B, Hq]), got {tuple(slopes.shape)}")
         if slopes.device != q.device:

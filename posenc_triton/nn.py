@@ -332,7 +332,7 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
         elif not isinstance(position_ids, torch.Tensor):
             raise TypeError("position_ids must be a torch.Tensor or None, "
                             f"got {type(position_ids).__name__}")
-        elif tuple(position_ids.shape) not in ((seqlen,), (batch, seqlen)):
+        elif not _checks.shape_in(position_ids, (seqlen,), (batch, seqlen)):
             raise ValueError(f"position_ids must be [S] = [{seqlen}] or [B, S] = "
                              f"[{batch}, {seqlen}], got {list(position_ids.shape)}")
         elif position_ids.device != x.device:

@@ -65,7 +65,7 @@ def _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout, check_positi
         if position_ids.device != q.device:
             raise ValueError(f"position_ids must be on q's device {q.device}, "
                              f"got {position_ids.device}")
-        if tuple(position_ids.shape) not in ((seqlen,), (1, seqlen), (batch, seqlen)):
+        if not _checks.shape_in(position_ids, (seqlen,), (1, seqlen), (batch, seqlen)):
             raise ValueError(f"position_ids must be [S]={[seqlen]}, [1, S] or "
                              f"[B, S]={[batch, seqlen]}, got {list(position_ids.shape)}")
     if isinstance(seqlen_offsets, torch.Tensor):
@@ -73,7 +73,7 @@ def _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout, check_positi
         if seqlen_offsets.device != q.device:
             raise ValueError(f"seqlen_offsets must be on q's device {q.device}, "
                              f"got {seqlen_offsets.device}")
-        if tuple(seqlen_offsets.shape) not in ((), (batch,)):
+        if not _checks.shape_in(seqlen_offsets, (), (batch,)):
             raise ValueError(f"seqlen_offsets must be an int, a 0-d or a [B]={[batch]} tensor, "
                              f"got shape {list(seqlen_offsets.shape)}")
     elif not _checks.is_int(seqlen_offsets):

@@ -487,6 +487,18 @@ def test_torch_compile_fullgraph_traces(with_mask):
     check_compiled(functools.partial(alibi_attention, **kwargs), [q, k, v], backend="aot_eager")
 
 
+def test_torch_compile_dynamic_batch_with_batched_slopes():
+    # A symbolic batch against the static [B, Hq] slopes: a tuple's `in` compares symbolic
+    # sizes by identity under Dynamo and refused this matching shape.
+    torch._dynamo.reset()
+    q, k, v = _make_qkv(2, 2, 2, 19, 23, 16, torch.float32)
+    slopes = alibi_slopes(2, DEVICE).expand(2, 2).contiguous()
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    compiled = torch.compile(alibi_attention, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, slopes), alibi_attention(q, k, v, slopes))
+
+
 @requires_cuda
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_gpu_torch_compile_fullgraph(with_mask):

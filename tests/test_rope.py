@@ -238,6 +238,23 @@ def test_rotary_embedding_compiles_with_tensor_positions():
         torch.testing.assert_close(got, want)
 
 
+def test_torch_compile_dynamic_batch_with_batched_positions():
+    # [B, S] positions and [B] offsets against a symbolic batch (see test_alibi's twin).
+    torch._dynamo.reset()
+    cos, sin = tables(32)
+    q = make((2, 5, 3, 32), torch.float32, requires_grad=False)
+    pos = torch.randint(0, 60, (2, 5), device=DEVICE)
+    offsets = torch.tensor([0, 3], device=DEVICE)
+    torch._dynamo.maybe_mark_dynamic(q, 0)
+
+    def rotate(q):
+        return posenc_triton.apply_rope(q, None, cos, sin, position_ids=pos,
+                                        seqlen_offsets=offsets)[0]
+
+    compiled = torch.compile(rotate, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q), rotate(q))
+
+
 def test_rotary_embedding_module():
     d, r = 64, 32
     rope = posenc_triton.RotaryEmbedding(d, rotary_dim=r, max_seq_len=16).to(DEVICE)
