@@ -115,11 +115,12 @@ class _Recorder:
 def _recording(launches):
     from posenc_triton import alibi_ops
     from posenc_triton.kernels import alibi_attention as kern
+    from posenc_triton.kernels import alibi_attention_bwd as bwd
 
     table = (("fwd", kern._alibi_attn_fwd, alibi_ops._FWD_CONFIGS),
-             ("preprocess", kern._alibi_attn_bwd_preprocess, None),
-             ("dkdv", kern._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS),
-             ("dq", kern._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS))
+             ("preprocess", bwd._alibi_attn_bwd_preprocess, None),
+             ("dkdv", bwd._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS),
+             ("dq", bwd._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS))
     recorders = tuple(_Recorder(name, fn, [alibi_ops._config(*c) for c in configs or []],
                                 launches) for name, fn, configs in table)
     real = alibi_ops._kernels

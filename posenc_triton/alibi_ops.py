@@ -87,8 +87,9 @@ def _kernels(interpreting: bool):
     import triton
 
     from posenc_triton.kernels import alibi_attention as kern
+    from posenc_triton.kernels import alibi_attention_bwd as bwd
 
-    kernels = (kern._alibi_attn_fwd, kern._alibi_attn_bwd_dkdv, kern._alibi_attn_bwd_dq)
+    kernels = (kern._alibi_attn_fwd, bwd._alibi_attn_bwd_dkdv, bwd._alibi_attn_bwd_dq)
     if not interpreting:
         kernels = tuple(
             triton.autotune([_config(*c) for c in configs], key=_AUTOTUNE_KEY + extra_key,
@@ -98,7 +99,7 @@ def _kernels(interpreting: bool):
                 kernels, (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS), ("fwd", "dkdv", "dq"),
                 ([], ["group"], ["HAS_SLOPE_GRAD"])))
     fwd, dkdv, dq = kernels
-    return fwd, kern._alibi_attn_bwd_preprocess, dkdv, dq
+    return fwd, bwd._alibi_attn_bwd_preprocess, dkdv, dq
 
 
 def _common_meta(q: torch.Tensor, is_causal: bool, has_key_mask: bool, varlen: bool,

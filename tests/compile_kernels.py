@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 
 from posenc_triton import alibi_decode as decode_ops
 from posenc_triton import alibi_ops
-from posenc_triton.kernels import alibi_attention, alibi_decode, rope
+from posenc_triton.kernels import alibi_attention, alibi_attention_bwd, alibi_decode, rope
 
 SM90 = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block
@@ -72,8 +72,8 @@ def cases():
             "COPY_TAIL": False, "S": 1, "Hk": 1, "n_s_blocks": 1, "stride_qd": 1,
             "stride_kd": 1}, 4, 1)
     kernels = (("fwd", alibi_attention._alibi_attn_fwd, alibi_ops._FWD_CONFIGS),
-               ("dq", alibi_attention._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS),
-               ("dkdv", alibi_attention._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS))
+               ("dq", alibi_attention_bwd._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS),
+               ("dkdv", alibi_attention_bwd._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS))
     for name, kernel, configs in kernels:
         # The largest config at D=128 (with the key mask, or packed), the pruned list's first
         # at D=256, and at D=256 in fp32 (IEEE products), whose tiles are twice the bytes.

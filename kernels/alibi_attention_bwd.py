@@ -1,0 +1,382 @@
+"""ALiBi attention backward: ``delta`` preprocess, then ``dk``/``dv`` and ``dq`` kernels.
+
+Conventions (bias, stages, masks, packing, dropout, int64 offsets) are those of
+:mod:`kernels.alibi_attention`, whose forward writes the ``LSE`` these kernels read. The slope
+gradient (``HAS_SLOPE_GRAD``) comes from the ``dq`` kernel: ``dm_h = -sum dS * dist`` over each
+program's rows, one fp32 partial per program in ``DSLOPE [B, Hq, slots]``, summed by the
+launcher (deterministic: no atomics).
+"""
+
+import triton
+import triton.language as tl
+
+from .alibi_attention import LOG2E, _dot, _load_keep, _mma, _narrow, _sequence, _stages
+from .dropout import _dropout_keep
+
+
+@triton.jit
+def _alibi_attn_bwd_preprocess(O, DO, DELTA,
+                               stride_ob, stride_oh, stride_om, stride_od,
+                               stride_dob, stride_doh, stride_dom, stride_dod,
+                               num_heads, seqlen_q,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_M: tl.constexpr):
+    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DELTA [B, Hq, Sq] = rowsum(O * DO)`` in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    row0 = tl.cast(start_m, tl.int64)
+    O += off_b * stride_ob + off_h * stride_oh + row0 * stride_om
+    DO += off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (start_m + offs_r < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask,
+                other=0.0)
+    do = tl.load(DO + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (off_b * num_heads + off_h) * seqlen_q + start_m + offs_r, delta,
+             mask=start_m + offs_r < seqlen_q)
+
+
+@triton.jit
+def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, offs_do,
+                               stride_qm, stride_dom, pos_k, col, qk_scale, slope, seqlen_q,
+                               shift, lo, hi, seed, bh, dropout_p,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                               MASK: tl.constexpr, SIGN: tl.constexpr,
+                               HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Accumulate one query head's query tiles ``[lo, hi)`` into ``dk``, ``dv [BLOCK_N,
+    BLOCK_D]``: masked (``MASK``) or on the ``SIGN`` side of every key (+1: after).
+
+    Works transposed (keys along rows). ``Q``, ``DO``, ``LSE``, ``DELTA`` point at tile ``lo``
+    and come back past ``hi``. ``pos_k``: the keys' positions (int32), ``col = slope *
+    [0, BLOCK_M)``. Query rows past ``Sq`` load ``lse = +inf``, so their probabilities are 0;
+    key rows past ``Sk`` only touch their own rows, which are not stored. Padded keys (``keep``
+    false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        m_mask = offs_m < seqlen_q - start_m
+        qT = tl.load(Q + offs_qT, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+        do = tl.load(DO + offs_do, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
+        qkT = _dot(k, qT, INPUT_PRECISION, INTERPRETER)
+        # -- bias = sign * slope * (k - q'): a row term plus the column term, relative to q'
+        # of the tile's first query
+        k_rel = pos_k - (start_m + shift)
+        if MASK and not IS_CAUSAL:  # the band: |q' - k| per score, the side from positions
+            x = (slope * k_rel.to(tl.float32))[:, None] - col[None, :]  # slope * (k - q')
+            sT = qkT * qk_scale + tl.where(k_rel[:, None] <= offs_m[None, :], x, -x)
+            pT = tl.math.exp2(sT - (lse * LOG2E)[None, :])
+        else:
+            sT = qkT * qk_scale + ((SIGN * slope) * k_rel.to(tl.float32))[:, None]
+            pT = tl.math.exp2(sT - tl.fma(lse, LOG2E, SIGN * col)[None, :])
+        if MASK and IS_CAUSAL:
+            pT = tl.where(k_rel[:, None] <= offs_m[None, :], pT, 0.0)
+        if HAS_KEY_MASK:
+            pT = tl.where(keep[:, None], pT, 0.0)
+        # -- dv += p^T do (dropout: the kept probabilities; dv is scaled once, at the end)
+        if HAS_DROPOUT:
+            keepT = _dropout_keep(seed, bh, (start_m + offs_m)[None, :], pos_k[:, None],
+                                  dropout_p)
+            dv = _mma(_narrow(tl.where(keepT, pT, 0.0), do.dtype, INTERPRETER), do, dv,
+                      INPUT_PRECISION, INTERPRETER)
+        else:
+            dv = _mma(_narrow(pT, do.dtype, INTERPRETER), do, dv, INPUT_PRECISION, INTERPRETER)
+        # -- dk += ds^T q, ds = p * (dp - delta)
+        dpT = _dot(v, tl.trans(do), INPUT_PRECISION, INTERPRETER)
+        if HAS_DROPOUT:  # dp of the kept probabilities; delta = rowsum(o * do) already is
+            dpT = tl.where(keepT, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(_narrow(dsT, qT.dtype, INTERPRETER), tl.trans(qT), dk, INPUT_PRECISION,
+                  INTERPRETER)
+        Q += BLOCK_M * stride_qm
+        DO += BLOCK_M * stride_dom
+        LSE += BLOCK_M
+        DELTA += BLOCK_M
+    return dk, dv, Q, DO, LSE, DELTA
+
+
+@triton.jit
+def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
+                         sm_scale, dropout_p,
+                         stride_qb, stride_qh, stride_qm, stride_qd,
+                         stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                         stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                         group, seqlen_q, seqlen_k,
+                         SQ_BUCKET, SK_BUCKET,  # autotune key only
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``.
+
+    Each program sums over the ``group`` query heads that share its KV head in registers and
+    stores once: GQA gradients without atomics, deterministic.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    off_kvh = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    q0, k0, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if start_n >= seqlen_k:
+            return
+    row0 = k0 + tl.cast(start_n, tl.int64)
+    K += off_b * stride_kb + off_kvh * stride_kh + row0 * stride_kn
+    V += off_b * stride_vb + off_kvh * stride_vh + row0 * stride_vn
+    DK += off_b * stride_dkb + off_kvh * stride_dkh + row0 * stride_dkn
+    DV += off_b * stride_dvb + off_kvh * stride_dvh + row0 * stride_dvn
+    qk_scale = sm_scale * LOG2E
+
+    offs_r = tl.arange(0, BLOCK_N)
+    pos_k = start_n + offs_r
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (pos_k < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if HAS_KEY_MASK:  # padded keys: never read, zero gradients
+        keep = _load_keep(KPM + off_b * stride_mb, stride_mn, pos_k, seqlen_k)
+        kv_mask = io_mask & keep[:, None]
+    else:
+        keep = pos_k < seqlen_k
+        kv_mask = io_mask
+    k = tl.load(K + offs_r[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + offs_r[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
+                other=0.0)
+
+    # query tiles before every key (symmetric only; causal: they see none), the band, then
+    # the tiles after every key
+    shift = seqlen_k - seqlen_q
+    a, b, _ = _stages(start_n, BLOCK_M, BLOCK_N, shift, seqlen_q, BLOCK_M, IS_CAUSAL, True)
+    end = seqlen_q
+    if HAS_KEY_MASK:  # a block of padded keys only: skip the loops, store zeros
+        end = tl.where(tl.max(keep.to(tl.int32), 0) > 0, seqlen_q, 0)
+        a = tl.minimum(a, end)
+        b = tl.minimum(b, end)
+    if IS_CAUSAL:
+        lo = a
+    else:
+        lo = 0
+    offs_qT = offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
+    offs_do = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    for g in range(group):
+        off_h = off_kvh * group + g
+        bh = off_b * (tl.num_programs(1) * group) + off_h
+        slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
+        col = slope * offs_m.to(tl.float32)
+        row_lo = q0 + tl.cast(lo, tl.int64)
+        Qh = Q + off_b * stride_qb + off_h * stride_qh + row_lo * stride_qm
+        DOh = DO + off_b * stride_dob + off_h * stride_doh + row_lo * stride_dom
+        LSEh = LSE + off_b * stride_lb + off_h * stride_lh + row_lo
+        DELTAh = DELTA + off_b * stride_lb + off_h * stride_lh + row_lo
+        # each stage under `if`: see the forward
+        if not IS_CAUSAL:
+            if 0 < a:
+                dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
+                    dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
+                    stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, 0, a, seed, bh,
+                    dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, -1, HAS_KEY_MASK,
+                    HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+        if a < b:
+            dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
+                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
+                pos_k, col, qk_scale, slope, seqlen_q, shift, a, b, seed, bh, dropout_p, HEAD_DIM,
+                BLOCK_D, BLOCK_M, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
+                INTERPRETER)
+        if b < end:
+            dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
+                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
+                pos_k, col, qk_scale, slope, seqlen_q, shift, b, end, seed, bh, dropout_p, HEAD_DIM,
+                BLOCK_D, BLOCK_M, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
+                INTERPRETER)
+    dk *= sm_scale
+    if HAS_DROPOUT:
+        dv *= 1.0 / (1.0 - dropout_p)
+    tl.store(DK + offs_r[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             _narrow(dk, DK.dtype.element_ty, INTERPRETER), mask=io_mask)
+    tl.store(DV + offs_r[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             _narrow(dv, DV.dtype.element_ty, INTERPRETER), mask=io_mask)
+
+
+@triton.jit
+def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta,
+                             offs_kT, offs_vT, stride_kn, stride_vn, stride_mn,
+                             pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
+                             seed, bh, rows, dropout_p,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                             MASK: tl.constexpr, SIGN: tl.constexpr,
+                             HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                             HAS_SLOPE_GRAD: tl.constexpr,
+                             INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """``dq`` over the key tiles ``[lo, hi)``, as the forward's stages (same arguments);
+    ``lse2`` is the LSE in log2 units. ``HAS_SLOPE_GRAD`` adds the row sums ``[BLOCK_M]`` of
+    ``p * dist * dp``, ``p * dist`` and ``p * dp`` (see :func:`_alibi_attn_bwd_dq`)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        if MASK:
+            kv_mask = offs_n < seqlen_k - start_n
+        else:
+            kv_mask = offs_n < BLOCK_N
+        if HAS_KEY_MASK:
+            keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
+            kv_mask = kv_mask & (keep != 0)
+        kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+        vT = tl.load(V + offs_vT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+        qk = _dot(q, kT, INPUT_PRECISION, INTERPRETER)
+        i_rel = pos_q - start_n
+        if MASK and not IS_CAUSAL:
+            x = col[None, :] - (slope * i_rel.to(tl.float32))[:, None]
+            s = qk * qk_scale + tl.where(offs_n[None, :] <= i_rel[:, None], x, -x)
+            p = tl.math.exp2(s - lse2[:, None])
+        else:
+            s = qk * qk_scale + (SIGN * col)[None, :]
+            p = tl.math.exp2(s - (lse2 + (SIGN * slope) * i_rel.to(tl.float32))[:, None])
+        # keys past Sk and padded keys too: their p could overflow, and inf * (k = 0) is NaN
+        if MASK and IS_CAUSAL:
+            p = tl.where(kv_mask[None, :] & (offs_n[None, :] <= i_rel[:, None]), p, 0.0)
+        elif MASK or HAS_KEY_MASK:
+            p = tl.where(kv_mask[None, :], p, 0.0)
+        # -- dq += ds k, ds = p * (dp - delta)
+        dp = _dot(do, vT, INPUT_PRECISION, INTERPRETER)
+        if HAS_DROPOUT:  # dp of the kept probabilities; delta = rowsum(o * do) already is
+            keep = _dropout_keep(seed, bh, rows[:, None], (start_n + offs_n)[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SLOPE_GRAD:  # p is 0 for hidden keys: they add nothing
+            rel = i_rel.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]  # i' - j
+            if MASK and not IS_CAUSAL:
+                pd = p * tl.abs(rel)
+            elif MASK:
+                pd = p * rel
+            else:
+                pd = p * (SIGN * rel)
+            p_dist_dp += tl.sum(pd * dp, 1)
+            p_dist += tl.sum(pd, 1)
+            p_dp += tl.sum(p * dp, 1)
+        dq = _mma(_narrow(ds, kT.dtype, INTERPRETER), tl.trans(kT), dq, INPUT_PRECISION,
+                  INTERPRETER)
+        K += BLOCK_N * stride_kn
+        V += BLOCK_N * stride_vn
+        KPM += BLOCK_N * stride_mn
+    return dq, p_dist_dp, p_dist, p_dp, K, V, KPM
+
+
+@triton.jit
+def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
+                       sm_scale, dropout_p,
+                       stride_qb, stride_qh, stride_qm, stride_qd,
+                       stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd,
+                       stride_dob, stride_doh, stride_dom, stride_dod,
+                       stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                       stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                       stride_dsb, stride_dsh,
+                       group, seqlen_q, seqlen_k,
+                       SQ_BUCKET, SK_BUCKET,  # autotune key only
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, HAS_SLOPE_GRAD: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``, and with ``HAS_SLOPE_GRAD``
+    this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    q0, k0, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return
+    off_kvh = off_h // group
+    row0 = q0 + tl.cast(start_m, tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
+    DO += off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
+    DQ += off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
+    K += off_b * stride_kb + off_kvh * stride_kh + k0 * stride_kn
+    V += off_b * stride_vb + off_kvh * stride_vh + k0 * stride_vn
+    KPM += off_b * stride_mb
+    LSE += off_b * stride_lb + off_h * stride_lh + q0
+    DELTA += off_b * stride_lb + off_h * stride_lh + q0
+    slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
+    qk_scale = sm_scale * LOG2E
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < seqlen_q
+    io_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=io_mask,
+                other=0.0)
+    do = tl.load(DO + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=io_mask, other=0.0)
+    lse2 = tl.load(LSE + offs_m, mask=m_mask, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
+
+    pos_q = offs_m + (seqlen_k - seqlen_q)
+    col = slope * offs_n.to(tl.float32)
+    offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    offs_vT = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    p_dist_dp = tl.zeros([BLOCK_M], tl.float32)
+    p_dist = tl.zeros([BLOCK_M], tl.float32)
+    p_dp = tl.zeros([BLOCK_M], tl.float32)
+    seed, bh = 0, off_b * tl.num_programs(1) + off_h
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
+                      IS_CAUSAL, False)
+    # the forward's stages, each under `if`
+    if 0 < a:
+        dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
+            stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m,
+            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT,
+            HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+    if a < b:
+        dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
+            stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m,
+            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT,
+            HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+    if not IS_CAUSAL:
+        if b < c:
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c, seed,
+                bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1,
+                HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+        if c < seqlen_k:
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
+                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k,
+                seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1,
+                HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+    if HAS_SLOPE_GRAD:
+        # The bias is -m * dist: dm = -sum_ij dS * dist with dS = p * (dp - delta_i), summed
+        # per row as p_dist_dp - delta_i * p_dist. delta_i is rowsum(p * dp) = p_dp, formed
+        # here in fp32: the DELTA of dq, dk (rowsum(o * do)) reads o rounded to fp16/bf16, an
+        # error that dist, growing along the row, would not average out.
+        tl.store(DSLOPE + off_b * stride_dsb + off_h * stride_dsh + tl.program_id(0),
+                 tl.sum(p_dp * p_dist - p_dist_dp, 0))
+    dq *= sm_scale
+    tl.store(DQ + offs_r[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             _narrow(dq, DQ.dtype.element_ty, INTERPRETER), mask=io_mask)
