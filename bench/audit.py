@@ -51,9 +51,13 @@ class Case:
     group: int = 4         # query heads per KV head; 1 (MHA) becomes a constant
     key_mask: bool = False
     varlen: bool = False
+    dropout: bool = False      # fused attention dropout (every kernel)
+    slope_grad: bool = False   # trainable slopes (the dq kernel)
 
     def label(self) -> str:
-        extra = "".join((" mask" if self.key_mask else "", " varlen" if self.varlen else ""))
+        extra = "".join((" mask" if self.key_mask else "", " varlen" if self.varlen else "",
+                         " dropout" if self.dropout else "",
+                         " slope-grad" if self.slope_grad else ""))
         return (f"{self.kernel} D{self.head_dim} {self.dtype} "
                 f"{'causal' if self.causal else 'full'} g{self.group}{extra}")
 
@@ -152,12 +156,14 @@ def record(case: Case) -> list:
     slopes = torch.empty(HEADS, dtype=torch.float32, device=dev)
     mask = torch.empty(BATCH, SEQLEN, dtype=torch.bool, device=dev) if case.key_mask else None
     scale = case.head_dim ** -0.5
+    dropout = (0.1, torch.empty(1, dtype=torch.int64, device=dev)) if case.dropout else (0.0,)
     launches = []
     with _recording(launches):
         out, lse = alibi_ops.alibi_attention_forward(q, k, v, slopes, mask, *packed,
-                                                     case.causal, scale, "bhsd")
+                                                     case.causal, scale, "bhsd", *dropout)
         alibi_ops.alibi_attention_backward(torch.empty_like(out), q, k, v, slopes, mask,
-                                           *packed, out, lse, case.causal, scale, "bhsd")
+                                           *packed, out, lse, case.causal, scale, "bhsd",
+                                           *dropout, slopes_grad=case.slope_grad)
     return launches
 
 
@@ -340,12 +346,23 @@ def audit_case(case: Case, arch: int = 90) -> list:
 
 def cases(full: bool) -> list:
     """D = 128 bf16, causal and symmetric, GQA and MHA (the CI subset), the preprocess and the
-    tutorial's loops; ``full`` adds the other head dims and dtypes, key masks, packed input."""
+    tutorial's loops, fused dropout and trainable slopes once each; ``full`` adds the other head
+    dims and dtypes, key masks, packed input, and the variants in every causal/group pairing."""
     out = [Case(kernel, causal=causal, group=group) for kernel in ("fwd", "dq", "dkdv")
            for causal in (True, False) for group in (4, 1)]
+    # the dropout and trainable-slope variants (their own compiled code)
+    out += [Case(kernel, dropout=True) for kernel in ("fwd", "dq", "dkdv")]
+    out += [Case("dq", causal=causal, group=group, slope_grad=True)
+            for causal, group in ((True, 4), (False, 1))]
     out.append(Case("preprocess"))
     out += [Case(f"tutorial-{kernel}", causal=False, group=1) for kernel in ("fwd", "dq", "dkdv")]
     if full:
+        for kernel in ("fwd", "dq", "dkdv"):
+            out += [Case(kernel, causal=causal, group=group, dropout=True)
+                    for causal, group in ((True, 1), (False, 4), (False, 1))]
+        out += [Case("dq", causal=causal, group=group, slope_grad=True)
+                for causal, group in ((True, 1), (False, 4))]
+        out += [Case("dq", dropout=True, slope_grad=True)]
         for kernel in ("fwd", "dq", "dkdv"):
             for head_dim, dtype in ((64, "bf16"), (256, "bf16"), (80, "bf16"), (128, "fp16"),
                                     (64, "fp32"), (128, "fp32"), (256, "fp32")):

@@ -42,11 +42,9 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
         return kwargs.get(name, named_args.get(name))
 
     spills = _SPILLS.get(kernel, {})
-    drop = set(spills.get("all", ()))
-    if not get("IS_CAUSAL"):
-        drop |= set(spills.get("symmetric", ()))
-    if get("group") != 1:
-        drop |= set(spills.get("gqa", ()))
+    variants = {"all": True, "symmetric": not get("IS_CAUSAL"), "gqa": get("group") != 1,
+                "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD")}
+    drop = {tile for variant, on in variants.items() if on for tile in spills.get(variant, ())}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
     row_bytes = get("BLOCK_D") * (4 if get("INPUT_PRECISION") == "ieee" else 2)
     if row_bytes <= 256:
@@ -74,7 +72,11 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
 # Tiles that spill in one variant only, kept for the others: symmetric (non-causal) forward
 # runs four loop stages, 44-68 B of spills at (128, 64, 8, 3); dkdv's loop over the query heads
 # of a KV head (GQA, group > 1) spills 556-872 B of scalars at (32, 64, 4, 3).
-_SPILLS = {"fwd": {"symmetric": [(128, 64, 8, 3)]}, "dkdv": {"gqa": [(32, 64, 4, 3)]}}
+_SPILLS = {
+    "fwd": {"symmetric": [(128, 64, 8, 3)]},
+    "dq": {},
+    "dkdv": {"gqa": [(32, 64, 4, 3)]},
+}
 _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
                  "IS_VARLEN", "HAS_DROPOUT", "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
