@@ -35,6 +35,7 @@ import sys
 import tempfile
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # dynamic shared memory per block, bytes
 FP_ALU = ("FFMA", "FMUL", "FADD", "FMNMX")
@@ -116,7 +117,9 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(launches):
+def _recording(launches, tma: bool):
+    """The launchers run with the kernels swapped for recorders; ``tma``: as on sm_90, where
+    the forward's K/V tiles come through tensor descriptors."""
     from posenc_triton import alibi_ops
     from posenc_triton.kernels import alibi_attention as kern
     from posenc_triton.kernels import alibi_attention_bwd as bwd
@@ -127,16 +130,21 @@ def _recording(launches):
              ("dq", bwd._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS))
     recorders = tuple(_Recorder(name, fn, [alibi_ops._config(*c) for c in configs or []],
                                 launches) for name, fn, configs in table)
-    real = alibi_ops._kernels
+    tma_fwd = _Recorder("fwd", kern._alibi_attn_fwd, [
+        alibi_ops._config(*c, pre_hook=alibi_ops._descriptor_blocks)
+        for c in alibi_ops._FWD_CONFIGS], launches)
+    real = alibi_ops._kernels, alibi_ops._tma_forward, alibi_ops._tma_capable
     alibi_ops._kernels = lambda interpreting: recorders
+    alibi_ops._tma_forward = lambda: tma_fwd
+    alibi_ops._tma_capable = lambda t: tma
     try:
         yield
     finally:
-        alibi_ops._kernels = real
+        alibi_ops._kernels, alibi_ops._tma_forward, alibi_ops._tma_capable = real
 
 
-def record(case: Case) -> list:
-    """The launches of one forward and backward call shaped by ``case``."""
+def record(case: Case, arch: int = 90) -> list:
+    """The launches of one forward and backward call shaped by ``case`` on ``arch``."""
     from posenc_triton import alibi_ops
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.dtype]
@@ -158,7 +166,7 @@ def record(case: Case) -> list:
     scale = case.head_dim ** -0.5
     dropout = (0.1, torch.empty(1, dtype=torch.int64, device=dev)) if case.dropout else (0.0,)
     launches = []
-    with _recording(launches):
+    with _recording(launches, tma=arch >= 90):
         out, lse = alibi_ops.alibi_attention_forward(q, k, v, slopes, mask, *packed,
                                                      case.causal, scale, "bhsd", *dropout)
         alibi_ops.alibi_attention_backward(torch.empty_like(out), q, k, v, slopes, mask,
@@ -187,7 +195,13 @@ def specialise(fn, args, constexprs):
             constants[(i,)] = constexprs[param.name]
             continue
         value = next(positional)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, TensorDescriptor):  # the block as the config's pre-hook set it
+            dtype = _POINTER_TYPES[value.base.dtype][1:]
+            signature[param.name] = f"tensordesc<{dtype}{list(value.block_shape)}>"
+        elif value is None:
+            signature[param.name] = "constexpr"
+            constants[(i,)] = None
+        elif isinstance(value, torch.Tensor):
             signature[param.name] = _POINTER_TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 256-byte aligned
         elif isinstance(value, bool) or not isinstance(value, int):
@@ -301,7 +315,7 @@ def _pruned(launch: Launch) -> list:
     from posenc_triton import alibi_ops
 
     if not launch.configs:  # a fixed launch (the preprocess)
-        return [(launch.meta, (launch.meta["BLOCK_M"], 0, 4, 3))]
+        return [(launch.meta, (launch.meta["BLOCK_M"], 0, 4, 3), None)]
     named = dict(zip([p.name for p in launch.fn.params if not p.is_constexpr], launch.args))
     configs = launch.configs
     if not launch.name.startswith("tutorial"):
@@ -309,7 +323,7 @@ def _pruned(launch: Launch) -> list:
     out = []
     for c in configs:
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        out.append(({**launch.meta, **c.kwargs}, tile))
+        out.append(({**launch.meta, **c.kwargs}, tile, c))
     return out
 
 
@@ -323,10 +337,13 @@ def audit_case(case: Case, arch: int = 90) -> list:
 
         launches = audit_tutorial.launches(case)
     else:
-        launches = [la for la in record(case) if la.name == case.kernel]
+        launches = [la for la in record(case, arch) if la.name == case.kernel]
     reports = []
     for launch in launches:
-        for meta, tile in _pruned(launch):
+        for meta, tile, config in _pruned(launch):
+            if config is not None and config.pre_hook is not None:
+                names = [p.name for p in launch.fn.params if not p.is_constexpr]
+                config.pre_hook({**dict(zip(names, launch.args)), **meta})
             report = Report(case, arch, tile)
             key = (launch.fn.fn.__qualname__, arch, tile, repr(specialise(launch.fn, launch.args,
                                                                           meta)))

@@ -133,19 +133,22 @@ def _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
-                          stride_kn, stride_vn, stride_mn,
+def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT,
+                          offs_v, stride_kn, stride_vn, stride_mn,
                           pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
                           seed, bh, rows, dropout_p,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, SIGN: tl.constexpr,
                           HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          USE_TMA: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Online softmax over the key tiles ``[lo, hi)``, masked (``MASK``) or on the ``SIGN``
     side of every query row. ``K``, ``V``, ``KPM`` point at tile ``lo`` and come back past
-    ``hi``; ``offs_*`` (int32) address a tile from there. ``pos_q``: the rows' ``i'`` (int32),
-    ``col = slope * [0, BLOCK_N)``. With ``HAS_DROPOUT``, the keep-mask of ``(bh, rows,
-    keys)`` under ``seed`` drops probabilities from the output (not from the row sums)."""
+    ``hi``; ``offs_*`` (int32) address a tile from there. ``USE_TMA``: K and V tiles come
+    from the descriptors instead, at ``(tma_b, tma_h, key, 0)``; rows past ``Sk`` read 0.
+    ``pos_q``: the rows' ``i'`` (int32), ``col = slope * [0, BLOCK_N)``. With ``HAS_DROPOUT``,
+    the keep-mask of ``(bh, rows, keys)`` under ``seed`` drops probabilities from the output
+    (not from the row sums)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -156,8 +159,12 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
         if HAS_KEY_MASK:  # padded keys are never read
             keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
             kv_mask = kv_mask & (keep != 0)
-        kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
-        v = tl.load(V + offs_v, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        if USE_TMA:
+            kT = tl.trans(K_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = V_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+            v = tl.load(V + offs_v, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
         qk = _dot(q, kT, INPUT_PRECISION, INTERPRETER)
         # -- scores s = qk * qk_scale + bias - row: the row term moves m only
         i_rel = pos_q - start_n  # i' relative to the tile
@@ -196,7 +203,8 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v,
 
 
 @triton.jit
-def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, sm_scale, dropout_p,
+def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DESC,
+                    sm_scale, dropout_p,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -207,9 +215,13 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, sm_scale, dr
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``."""
+    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``.
+
+    ``USE_TMA`` (dense, no key mask): ``K_DESC``/``V_DESC`` are tensor descriptors of K and V
+    ``[B, Hk, Sk, D]`` with ``[1, 1, BLOCK_N, BLOCK_D]`` blocks, the tiles' loads then TMA.
+    """
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -249,33 +261,36 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, sm_scale, dr
     seed, bh = 0, off_b * tl.num_programs(1) + off_h  # dropout: the Philox key and counter
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    tma_b, tma_h = tl.program_id(2), tl.program_id(1) // group  # TMA coordinates are int32
     # keys before every row, the diagonal band (causal: and the end), then symmetric only:
     # keys after every row and the ragged end. A stage runs under `if` only when it has a
     # tile: a loop that may run zero times leaves ptxas a path where the accumulator is
     # written by moves while a wgmma is in flight, and it serialises every wgmma (C7515).
     if 0 < a:
         acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn, pos_q,
-            col, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
-            BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+            acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+            stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, seed,
+            bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, 1,
+            HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
     if a < b:
         acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-            acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn, pos_q,
-            col, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
-            BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+            acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+            stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, seed,
+            bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1,
+            HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
     if not IS_CAUSAL:
         if b < c:
             acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-                acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
-                pos_q, col, qk_scale, slope, seqlen_k, b, c, seed, bh, offs_m, dropout_p, HEAD_DIM,
-                BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
-                INTERPRETER)
+                acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c,
+                seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1,
+                HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
         if c < seqlen_k:
             acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-                acc, l_i, m_i, K, V, KPM, q, offs_kT, offs_v, stride_kn, stride_vn, stride_mn,
-                pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k, seed, bh, offs_m, dropout_p,
-                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT,
-                INPUT_PRECISION, INTERPRETER)
+                acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c,
+                seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL,
+                True, 1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
     # a row with no visible key (causal, or all padded) has l = 0: output 0 and LSE +inf
     # (its gradients are then 0)
     empty = l_i == 0.0

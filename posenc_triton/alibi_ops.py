@@ -12,6 +12,7 @@ installed.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -23,11 +24,11 @@ from posenc_triton import _backend
 # ------------------------------------------------------------------------------------------
 
 
-def _config(block_m, block_n, num_warps, num_stages):
+def _config(block_m, block_n, num_warps, num_stages, pre_hook=None):
     import triton
 
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
-                         num_warps=num_warps, num_stages=num_stages)
+                         num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
 
 def _prune_configs(configs, named_args, kernel=None, **kwargs):
@@ -81,6 +82,60 @@ _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK
                  "IS_VARLEN", "HAS_DROPOUT", "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 _PREPROCESS_BLOCK_M = 64
+
+
+# TMA (sm_90 and later): the forward's K and V tiles through tensor descriptors, whose block
+# follows the config's tile (an autotune pre-hook). torch.compile refuses configs with hooks,
+# so the TMA forward is a second autotuned kernel, for eager launches only.
+_DESC_BLOCKS = {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"}
+
+
+def _descriptor_blocks(nargs):
+    for name, block in _DESC_BLOCKS.items():
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs[block], nargs["BLOCK_D"]]
+
+
+def _tma_capable(t: torch.Tensor) -> bool:
+    """Hopper or later, unless ``POSENC_TRITON_TMA=0``; never under the interpreter (tests
+    patch this to run the descriptor path there)."""
+    if _backend.interpreting() or not t.is_cuda or os.environ.get("POSENC_TRITON_TMA") == "0":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _tma_strides(t: torch.Tensor):
+    """``t``'s strides as a descriptor takes them (16-byte multiples, unit last stride,
+    any stride for a dimension of size 1), or None where TMA cannot address ``t``."""
+    unit = 16 // t.element_size()
+    strides = [st if n > 1 else unit for st, n in zip(t.stride(), t.shape)]
+    if (t.data_ptr() % 16 or strides[-1] != 1
+            or any(st <= 0 or st % unit for st in strides[:-1])):
+        return None
+    return strides
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_d: int) -> tuple:
+    """``(K_DESC, V_DESC)`` over ``[B, Hk, Sk, D]`` views, or ``(None, None)``."""
+    strides = [_tma_strides(t) for t in (k, v)]
+    if not (_tma_capable(k) and all(strides)):
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, _INTERPRETER_META["BLOCK_N"], block_d]  # on GPU the pre-hook sets it
+    return tuple(TensorDescriptor(t, list(t.shape), st, block) for t, st in zip((k, v), strides))
+
+
+@functools.cache
+def _tma_forward():
+    import triton
+
+    from posenc_triton.kernels import alibi_attention as kern
+
+    return triton.autotune(
+        [_config(*c, pre_hook=_descriptor_blocks) for c in _FWD_CONFIGS], key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": functools.partial(_prune_configs, kernel="fwd")},
+    )(kern._alibi_attn_fwd)
 
 
 @functools.cache
@@ -240,13 +295,19 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
     if out.numel() > 0 and seqlen_q > 0:
         fwd = _kernels(_backend.interpreting())[0]
         meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
+        descs = (None, None)
+        if not (wrap or varlen or key_padding_mask is not None):  # padded keys: never read
+            descs = _tma_descriptors(k, v, meta["BLOCK_D"])
+        meta["USE_TMA"] = descs[0] is not None
+        if meta["USE_TMA"] and not _backend.interpreting():
+            fwd = _tma_forward()
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
         with _backend.device_guard(q):
             _launch(fwd, wrap)[grid](
                 q, k, v, out, lse, slopes, mask,
                 *_cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes),
-                slopes if seed is None else seed, scale, dropout_p,
+                slopes if seed is None else seed, *descs, scale, dropout_p,
                 *_strides(q, k, v, out, varlen=varlen), *_lse_strides(lse, varlen),
                 _slope_batch_stride(slopes), stride_mb, stride_mn,
                 num_heads // num_kv_heads, seqlen_q, seqlen_k,

@@ -31,6 +31,8 @@ ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf
               "LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "KPM": "*u8",
               "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32", "SEED": "*i64",
               "DSLOPE": "*fp32", "dropout_p": "fp32"}
+# the forward's pointer path (bench/audit.py compiles the TMA one with real descriptors)
+POINTERS = {"K_DESC": None, "V_DESC": None, "USE_TMA": False}
 ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
                                                  "*fp32")}
 
@@ -84,7 +86,7 @@ def cases():
             meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
                     "HAS_KEY_MASK": masked, "IS_VARLEN": varlen, "HAS_DROPOUT": False,
                     "HAS_SLOPE_GRAD": False,
-                    "INPUT_PRECISION": "ieee" if fp32 else None, "INTERPRETER": False}
+                    "INPUT_PRECISION": "ieee" if fp32 else None, "INTERPRETER": False, **POINTERS}
             pruned = alibi_ops._prune_configs([alibi_ops._config(*c) for c in configs], {},
                                               kernel=name, **meta)
             config = pruned[0]
@@ -96,7 +98,7 @@ def cases():
         for dropout, slope_grad in ((True, True), (False, True))[:2 if name == "dq" else 1]:
             meta = {"HEAD_DIM": 128, "BLOCK_D": 128, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                     "IS_VARLEN": False, "HAS_DROPOUT": dropout, "HAS_SLOPE_GRAD": slope_grad,
-                    "INPUT_PRECISION": None, "INTERPRETER": False}
+                    "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS}
             config = alibi_ops._config(*configs[0])
             yield (f"alibi {name} D=128 dropout={dropout} slope_grad={slope_grad} "
                    f"{tuple(config.kwargs.values())}", kernel, ATTN_TYPES,
@@ -104,7 +106,7 @@ def cases():
         # Decode (Sq = 1), MHA, packed: lengths and group arrive specialised to constants.
         meta = {"HEAD_DIM": 64, "BLOCK_D": 64, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                 "IS_VARLEN": True, "HAS_DROPOUT": False, "HAS_SLOPE_GRAD": False,
-                "INPUT_PRECISION": None, "INTERPRETER": False,
+                "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS,
                 "BLOCK_M": 64, "BLOCK_N": 64, "seqlen_q": 1, "SQ_BUCKET": 1, "group": 1}
         yield f"alibi {name} D=64 varlen=True Sq=1 group=1", kernel, ATTN_TYPES, meta, 4, 2
     yield from decode_cases()

@@ -1,0 +1,86 @@
+"""The forward's TMA path (K/V tiles through tensor descriptors, sm_90 and later).
+
+On CPU the interpreter runs the descriptor loads when ``alibi_ops._tma_capable`` is patched
+true; the path must agree bit for bit with the pointer path (the same arithmetic on the same
+tiles, rows past ``Sk`` read as 0 either way) and with the float64 reference. Inputs a
+descriptor cannot address (strides that are not 16-byte multiples), key padding masks and
+packed input take the pointer path.
+"""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from posenc_triton import alibi_ops
+from posenc_triton.alibi import alibi_attention
+from test_alibi import _check, _make_qkv
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """Descriptor path on; returns the list of ``_tma_descriptors`` results (None = pointers)."""
+    taken = []
+    real = alibi_ops._tma_descriptors
+
+    def spy(k, v, block_d):
+        descs = real(k, v, block_d)
+        taken.append(descs[0] is not None)
+        return descs
+
+    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: True)
+    monkeypatch.setattr(alibi_ops, "_tma_descriptors", spy)
+    return taken
+
+
+def _forward(inputs, **kwargs):
+    with torch.no_grad():
+        return alibi_attention(*inputs, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 37, 37, 64), (1, 4, 2, 20, 45, 80),
+                                   (2, 2, 1, 50, 19, 32), (1, 2, 2, 1, 33, 96)])
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_tma_matches_pointer_path(tma, monkeypatch, shape, is_causal, layout):
+    inputs = _make_qkv(*shape, torch.bfloat16, layout)
+    with_tma = _forward(inputs, is_causal=is_causal, layout=layout)
+    assert tma == [True]
+    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+    pointers = _forward(inputs, is_causal=is_causal, layout=layout)
+    assert torch.equal(with_tma, pointers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_tma_against_reference(tma, dtype, is_causal):
+    _check(_make_qkv(2, 4, 2, 29, 41, 80, dtype), is_causal=is_causal)
+    assert tma[0]
+
+
+def test_tma_dropout_matches_pointer_path(tma, monkeypatch):
+    inputs = _make_qkv(1, 2, 2, 24, 40, 64, torch.float16)
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(alibi_ops, "draw_dropout_seed", lambda device: seed)
+    with_tma = _forward(inputs, dropout_p=0.3)
+    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+    assert torch.equal(with_tma, _forward(inputs, dropout_p=0.3))
+    assert tma == [True, False]
+
+
+def test_unaligned_strides_take_pointers(tma):
+    q, k, v = _make_qkv(1, 2, 2, 20, 20, 40, torch.bfloat16)
+    wide = torch.randn(1, 2, 20, 41, dtype=torch.bfloat16, device=DEVICE)
+    k = wide[..., :40]  # rows 82 bytes apart: no descriptor can address them
+    _check([q, k, v])
+    assert not tma[0]
+
+
+def test_key_mask_and_packed_take_pointers(tma):
+    q, k, v = _make_qkv(2, 2, 2, 20, 20, 64, torch.bfloat16)
+    mask = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    mask[1, 15:] = False
+    _check([q, k, v], key_padding_mask=mask)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # [20, H, D]
+    _forward(packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=13, max_seqlen_k=13)
+    assert not any(tma)
