@@ -42,10 +42,11 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
     def get(name):
         return kwargs.get(name, named_args.get(name))
 
-    spills = _SPILLS.get(kernel, {})
-    variants = {"all": True, "symmetric": not get("IS_CAUSAL"), "gqa": get("group") != 1,
-                "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD")}
-    drop = {tile for variant, on in variants.items() if on for tile in spills.get(variant, ())}
+    on = {"all": True, "symmetric": not get("IS_CAUSAL"), "gqa": get("group") != 1,
+          "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
+          "pointers": not get("USE_TMA")}
+    drop = {tile for variant, tiles in _SPILLS.get(kernel, {}).items()
+            if all(on[part] for part in variant.split("+")) for tile in tiles}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
     row_bytes = get("BLOCK_D") * (4 if get("INPUT_PRECISION") == "ieee" else 2)
     if row_bytes <= 256:
@@ -63,18 +64,24 @@ def _tile(config) -> tuple:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), largest first; the last config of each list is
 # the conservative one that fits D = 256 on any recent GPU. Left out, because they spill on
-# sm_90 at D = 128 (bench/NOTES.md has the audit): forward (128, 128, 8, 3), whose bias column
-# term needs 32 registers per thread on top of the tutorial's 228, and (128, 64, 4, 3), which
-# spills in the tutorial too; dq (128, 32, 4, 5) (the tutorial too); dkdv (64, 128, 8, 3) and
+# sm_90 at D = 128 (bench/NOTES.md has the audit): forward (128, 64, 4, 3), which spills in
+# the tutorial too; dq (128, 32, 4, 5) (the tutorial too); dkdv (64, 128, 8, 3) and
 # (32, 128, 4, 5) (the tutorial too), (32, 128, 8, 3) and (64, 64, 8, 2).
-_FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)]
+_FWD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                (64, 64, 8, 2), (64, 32, 4, 2)]
 _DKDV_CONFIGS = [(32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 4, 1)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-# Tiles that spill in one variant only, kept for the others: symmetric (non-causal) forward
-# runs four loop stages, 44-68 B of spills at (128, 64, 8, 3); dkdv's loop over the query heads
+# Tiles that spill in one variant only, kept for the others ("a+b": both at once). Forward:
+# the big tiles fit 255 registers only with TMA loads (pointer loads hold 16 addresses per
+# thread more; the bias column term needs 32 registers on top of the tutorial's 228); the
+# symmetric forward's four loop stages spill 44-68 B at (128, 64, 8, 3) with pointers; the
+# dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
+# with pointers. dkdv's loop over the query heads
 # of a KV head (GQA, group > 1) spills 556-872 B of scalars at (32, 64, 4, 3).
 _SPILLS = {
-    "fwd": {"symmetric": [(128, 64, 8, 3)]},
+    "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
+            "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
+            "pointers+dropout": [(64, 64, 4, 3)]},
     "dq": {},
     "dkdv": {"gqa": [(32, 64, 4, 3)]},
 }
