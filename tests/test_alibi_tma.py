@@ -1,24 +1,28 @@
 """The forward's TMA path (K/V tiles through tensor descriptors, sm_90 and later).
 
 On CPU the interpreter runs the descriptor loads when ``alibi_ops._tma_capable`` is patched
-true; the path must agree bit for bit with the pointer path (the same arithmetic on the same
-tiles, rows past ``Sk`` read as 0 either way) and with the float64 reference. Inputs a
+true; the path must agree bit for bit with the pointer path there (the same arithmetic on the
+same tiles, rows past ``Sk`` read as 0 either way) and with the float64 reference. On a GPU
+(sm_90 or later) the autotuner may pick other tiles for the two paths: both then meet the
+reference's error rule. Inputs a
 descriptor cannot address (strides that are not 16-byte multiples), key padding masks and
 packed input take the pointer path.
 """
 
 import pytest
 import torch
+from test_alibi import _check, _make_qkv
 
 from conftest import DEVICE
 from posenc_triton import alibi_ops
 from posenc_triton.alibi import alibi_attention
-from test_alibi import _check, _make_qkv
 
 
 @pytest.fixture
 def tma(monkeypatch):
     """Descriptor path on; returns the list of ``_tma_descriptors`` results (None = pointers)."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or later")
     taken = []
     real = alibi_ops._tma_descriptors
 
@@ -43,6 +47,12 @@ def _forward(inputs, **kwargs):
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_tma_matches_pointer_path(tma, monkeypatch, shape, is_causal, layout):
     inputs = _make_qkv(*shape, torch.bfloat16, layout)
+    if DEVICE == "cuda":
+        _check(inputs, is_causal=is_causal, layout=layout)
+        monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+        _check(inputs, is_causal=is_causal, layout=layout)
+        assert tma == [True, False]
+        return
     with_tma = _forward(inputs, is_causal=is_causal, layout=layout)
     assert tma == [True]
     monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
@@ -63,8 +73,12 @@ def test_tma_dropout_matches_pointer_path(tma, monkeypatch):
     monkeypatch.setattr(alibi_ops, "draw_dropout_seed", lambda device: seed)
     with_tma = _forward(inputs, dropout_p=0.3)
     monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
-    assert torch.equal(with_tma, _forward(inputs, dropout_p=0.3))
+    pointers = _forward(inputs, dropout_p=0.3)
     assert tma == [True, False]
+    if DEVICE == "cuda":  # other tiles, other sums: the same kept keys, close outputs
+        torch.testing.assert_close(with_tma, pointers, atol=2e-2, rtol=0)
+    else:
+        assert torch.equal(with_tma, pointers)
 
 
 def test_unaligned_strides_take_pointers(tma):
