@@ -1,7 +1,10 @@
 """ALiBi attention backward: ``delta`` preprocess, then ``dk``/``dv`` and ``dq`` kernels.
 
 Conventions (bias, stages, masks, packing, dropout, int64 offsets) are those of
-:mod:`kernels.alibi_attention`, whose forward writes the ``LSE`` these kernels read. The slope
+:mod:`kernels.alibi_attention`, whose forward writes the ``LSE`` these kernels read. The
+preprocess also writes the ``dkdv`` kernel's per-query score terms (``LSE_BIAS``: the LSE in
+log2 units plus the bias within a short period), so that its loop adds no per-query work: a
+score costs four fp32 instructions, plus one per key row and tile. The slope
 gradient (``HAS_SLOPE_GRAD``) comes from the ``dq`` kernel: ``dm_h = -sum dS * dist`` over each
 program's rows, one fp32 partial per program in ``DSLOPE [B, Hq, slots]``, summed by the
 launcher (deterministic: no atomics).
@@ -15,68 +18,94 @@ from .dropout import _dropout_keep
 
 
 @triton.jit
-def _alibi_attn_bwd_preprocess(O, DO, DELTA,
+def _alibi_attn_bwd_preprocess(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q,
                                stride_ob, stride_oh, stride_om, stride_od,
                                stride_dob, stride_doh, stride_dom, stride_dod,
-                               num_heads, seqlen_q,
+                               stride_lb, stride_lh, stride_sb, stride_cs, seqlen_q,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_M: tl.constexpr):
-    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DELTA [B, Hq, Sq] = rowsum(O * DO)`` in fp32."""
+                               BLOCK_M: tl.constexpr, BIAS_PERIOD: tl.constexpr,
+                               IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DELTA [B, Hq, Sq] = rowsum(O * DO)`` in fp32, and
+    the query terms of the ``dkdv`` kernel's scores, ready to subtract (log2 units, ``i`` the
+    query's position in its sequence): ``LSE_BIAS[0] = lse * log2(e) + slope * (i mod
+    BIAS_PERIOD)`` and, symmetric only, ``LSE_BIAS[1] = lse * log2(e) - slope * (i mod
+    BIAS_PERIOD)``, ``stride_cs`` apart (``+inf`` where ``lse`` is). The period keeps them small
+    (``slope * BIAS_PERIOD`` at most) and exact where the weights matter: the ``dkdv`` kernel
+    puts the rest of the distance, ``i - i mod BIAS_PERIOD``, in its per-key row term."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    row0 = tl.cast(start_m, tl.int64)
+    q0, _, seqlen_q, _ = _sequence(CU_Q, CU_Q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
+    if IS_VARLEN:
+        if start_m >= seqlen_q:
+            return
+    row0 = q0 + tl.cast(start_m, tl.int64)
     O += off_b * stride_ob + off_h * stride_oh + row0 * stride_om
     DO += off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (start_m + offs_r < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m_mask = offs_r < seqlen_q - start_m
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask,
                 other=0.0)
     do = tl.load(DO + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + (off_b * num_heads + off_h) * seqlen_q + start_m + offs_r, delta,
-             mask=start_m + offs_r < seqlen_q)
+    offs_l = off_b * stride_lb + off_h * stride_lh + row0 + offs_r
+    tl.store(DELTA + offs_l, delta, mask=m_mask)
+    lse2 = tl.load(LSE + offs_l, mask=m_mask, other=0.0) * LOG2E
+    slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
+    term = slope * ((start_m + offs_r) % BIAS_PERIOD).to(tl.float32)
+    tl.store(LSE_BIAS + offs_l, lse2 + term, mask=m_mask)
+    if not IS_CAUSAL:
+        tl.store(LSE_BIAS + stride_cs + offs_l, lse2 - term, mask=m_mask)
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, offs_do,
-                               stride_qm, stride_dom, pos_k, col, qk_scale, slope, seqlen_q,
-                               shift, lo, hi, seed, bh, dropout_p,
+def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, k, v, keep, offs_qT, offs_do,
+                               stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope,
+                               seqlen_q, shift, lo, hi, seed, bh, dropout_p,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                               MASK: tl.constexpr, SIGN: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BIAS_PERIOD: tl.constexpr,
+                               IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, SIGN: tl.constexpr,
                                HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                                INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Accumulate one query head's query tiles ``[lo, hi)`` into ``dk``, ``dv [BLOCK_N,
     BLOCK_D]``: masked (``MASK``) or on the ``SIGN`` side of every key (+1: after).
 
-    Works transposed (keys along rows). ``Q``, ``DO``, ``LSE``, ``DELTA`` point at tile ``lo``
-    and come back past ``hi``. ``pos_k``: the keys' positions (int32), ``col = slope *
-    [0, BLOCK_M)``. Query rows past ``Sq`` load ``lse = +inf``, so their probabilities are 0;
-    key rows past ``Sk`` only touch their own rows, which are not stored. Padded keys (``keep``
-    false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
+    Works transposed (keys along rows). ``Q``, ``DO``, ``LSEB``, ``DELTA`` point at tile ``lo``
+    and come back past ``hi``; ``LSEB`` is the preprocess's ``LSE_BIAS``. ``pos_k``: the keys'
+    positions (int32). Query rows past ``Sq`` load ``+inf`` there, so their probabilities are
+    0; key rows past ``Sk`` only touch their own rows, which are not stored. Padded keys
+    (``keep`` false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
     """
+    tl.static_assert(BIAS_PERIOD % BLOCK_M == 0)  # a tile's queries share i - i mod period
     offs_m = tl.arange(0, BLOCK_M)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         m_mask = offs_m < seqlen_q - start_m
         qT = tl.load(Q + offs_qT, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
         do = tl.load(DO + offs_do, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=m_mask, other=float("inf"))
+        if MASK and not IS_CAUSAL:
+            c_after = tl.load(LSEB + offs_m, mask=m_mask, other=float("inf"))
+            c_before = tl.load(LSEB + stride_cs + offs_m, mask=m_mask, other=float("inf"))
+        elif SIGN < 0:
+            c = tl.load(LSEB + stride_cs + offs_m, mask=m_mask, other=float("inf"))
+        else:
+            c = tl.load(LSEB + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
         qkT = _dot(k, qT, INPUT_PRECISION, INTERPRETER)
-        # -- bias = sign * slope * (k - q'): a row term plus the column term, relative to q'
-        # of the tile's first query
+        # -- s - lse = qk * qk_scale + r - c: the key's row term r = slope * (k - q'_0), q'_0
+        # the aligned start of the tile's period, and the query's column term c (preprocess)
         k_rel = pos_k - (start_m + shift)
-        if MASK and not IS_CAUSAL:  # the band: |q' - k| per score, the side from positions
-            x = (slope * k_rel.to(tl.float32))[:, None] - col[None, :]  # slope * (k - q')
-            sT = qkT * qk_scale + tl.where(k_rel[:, None] <= offs_m[None, :], x, -x)
-            pT = tl.math.exp2(sT - (lse * LOG2E)[None, :])
+        r = slope * (pos_k - (start_m - start_m % BIAS_PERIOD + shift)).to(tl.float32)
+        if MASK and not IS_CAUSAL:  # the band: the side of each score from positions
+            before = k_rel[:, None] <= offs_m[None, :]
+            sT = qkT * qk_scale + tl.where(before, r[:, None] - c_after[None, :],
+                                           -r[:, None] - c_before[None, :])
+            pT = tl.math.exp2(sT)
         else:
-            sT = qkT * qk_scale + ((SIGN * slope) * k_rel.to(tl.float32))[:, None]
-            pT = tl.math.exp2(sT - tl.fma(lse, LOG2E, SIGN * col)[None, :])
+            pT = tl.math.exp2(tl.fma(qkT, qk_scale, (SIGN * r)[:, None]) - c[None, :])
         if MASK and IS_CAUSAL:
             pT = tl.where(k_rel[:, None] <= offs_m[None, :], pT, 0.0)
         if HAS_KEY_MASK:
@@ -91,20 +120,22 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSE, DELTA, k, v, keep, offs_qT, o
             dv = _mma(_narrow(pT, do.dtype, INTERPRETER), do, dv, INPUT_PRECISION, INTERPRETER)
         # -- dk += ds^T q, ds = p * (dp - delta)
         dpT = _dot(v, tl.trans(do), INPUT_PRECISION, INTERPRETER)
-        if HAS_DROPOUT:  # dp of the kept probabilities; delta = rowsum(o * do) already is
-            dpT = tl.where(keepT, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
-        dsT = pT * (dpT - delta[None, :])
+        if HAS_DROPOUT:  # dp of the kept probabilities (one FMA); delta = rowsum(o * do) is
+            dsT = pT * tl.where(keepT, tl.fma(dpT, 1.0 / (1.0 - dropout_p), -delta[None, :]),
+                                -delta[None, :])
+        else:
+            dsT = pT * (dpT - delta[None, :])
         dk = _mma(_narrow(dsT, qT.dtype, INTERPRETER), tl.trans(qT), dk, INPUT_PRECISION,
                   INTERPRETER)
         Q += BLOCK_M * stride_qm
         DO += BLOCK_M * stride_dom
-        LSE += BLOCK_M
+        LSEB += BLOCK_M
         DELTA += BLOCK_M
-    return dk, dv, Q, DO, LSE, DELTA
+    return dk, dv, Q, DO, LSEB, DELTA
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
+def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
                          sm_scale, dropout_p,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
@@ -112,15 +143,16 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                         stride_lb, stride_lh, stride_sb, stride_mb, stride_mn, stride_cs,
                          group, seqlen_q, seqlen_k,
                          SQ_BUCKET, SK_BUCKET,  # autotune key only
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                         HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_PERIOD: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                          INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``.
+    """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``; ``LSE_BIAS`` and
+    ``stride_cs`` as the preprocess wrote them, with the same ``BIAS_PERIOD``.
 
     Each program sums over the ``group`` query heads that share its KV head in registers and
     stores once: GQA gradients without atomics, deterministic.
@@ -179,32 +211,31 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
         off_h = off_kvh * group + g
         bh = off_b * (tl.num_programs(1) * group) + off_h
         slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
-        col = slope * offs_m.to(tl.float32)
         row_lo = q0 + tl.cast(lo, tl.int64)
         Qh = Q + off_b * stride_qb + off_h * stride_qh + row_lo * stride_qm
         DOh = DO + off_b * stride_dob + off_h * stride_doh + row_lo * stride_dom
-        LSEh = LSE + off_b * stride_lb + off_h * stride_lh + row_lo
+        LSEh = LSE_BIAS + off_b * stride_lb + off_h * stride_lh + row_lo
         DELTAh = DELTA + off_b * stride_lb + off_h * stride_lh + row_lo
         # each stage under `if`: see the forward
         if not IS_CAUSAL:
             if 0 < a:
                 dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
                     dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
-                    stride_dom, pos_k, col, qk_scale, slope, seqlen_q, shift, 0, a, seed, bh,
-                    dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, -1, HAS_KEY_MASK,
-                    HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+                    stride_dom, stride_cs, pos_k, qk_scale, slope, seqlen_q, shift, 0, a, seed,
+                    bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, False, -1,
+                    HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
         if a < b:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
                 dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
-                pos_k, col, qk_scale, slope, seqlen_q, shift, a, b, seed, bh, dropout_p, HEAD_DIM,
-                BLOCK_D, BLOCK_M, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
-                INTERPRETER)
+                stride_cs, pos_k, qk_scale, slope, seqlen_q, shift, a, b, seed, bh, dropout_p,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, True, 1, HAS_KEY_MASK,
+                HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
         if b < end:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
                 dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
-                pos_k, col, qk_scale, slope, seqlen_q, shift, b, end, seed, bh, dropout_p, HEAD_DIM,
-                BLOCK_D, BLOCK_M, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION,
-                INTERPRETER)
+                stride_cs, pos_k, qk_scale, slope, seqlen_q, shift, b, end, seed, bh, dropout_p,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, False, 1, HAS_KEY_MASK,
+                HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
     dk *= sm_scale
     if HAS_DROPOUT:
         dv *= 1.0 / (1.0 - dropout_p)
@@ -217,7 +248,7 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, KPM, CU_Q, CU_
 @triton.jit
 def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta,
                              offs_kT, offs_vT, stride_kn, stride_vn, stride_mn,
-                             pos_q, col, qk_scale, slope, seqlen_k, lo, hi,
+                             pos_q, colf, qk_scale, slope, seqlen_k, lo, hi,
                              seed, bh, rows, dropout_p,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -225,9 +256,11 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
                              HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                              HAS_SLOPE_GRAD: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """``dq`` over the key tiles ``[lo, hi)``, as the forward's stages (same arguments);
-    ``lse2`` is the LSE in log2 units. ``HAS_SLOPE_GRAD`` adds the row sums ``[BLOCK_M]`` of
-    ``p * dist * dp``, ``p * dist`` and ``p * dp`` (see :func:`_alibi_attn_bwd_dq`)."""
+    """``dq`` over the key tiles ``[lo, hi)``, as the forward's stages (same arguments, but
+    ``colf = [0, BLOCK_N)`` in fp32: the column term ``slope * colf`` is fused into the score's
+    second FMA, exact); ``lse2`` is the LSE in log2 units. ``HAS_SLOPE_GRAD`` adds the row
+    sums ``[BLOCK_M]`` of ``p * dist * dp``, ``p * dist`` and ``p * dp`` (see
+    :func:`_alibi_attn_bwd_dq`)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -242,13 +275,15 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
         vT = tl.load(V + offs_vT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
         qk = _dot(q, kT, INPUT_PRECISION, INTERPRETER)
         i_rel = pos_q - start_n
+        i_relf = i_rel.to(tl.float32)
         if MASK and not IS_CAUSAL:
-            x = col[None, :] - (slope * i_rel.to(tl.float32))[:, None]
+            x = tl.fma(colf[None, :], slope, -(slope * i_relf)[:, None])  # slope * (j - i')
             s = qk * qk_scale + tl.where(offs_n[None, :] <= i_rel[:, None], x, -x)
             p = tl.math.exp2(s - lse2[:, None])
-        else:
-            s = qk * qk_scale + (SIGN * col)[None, :]
-            p = tl.math.exp2(s - (lse2 + (SIGN * slope) * i_rel.to(tl.float32))[:, None])
+        else:  # qk * qk_scale - row, then + SIGN * slope * j: two FMAs, the product exact
+            row = tl.fma(i_relf, SIGN * slope, lse2)
+            s = tl.fma(qk, qk_scale, -row[:, None])
+            p = tl.math.exp2(tl.fma(colf[None, :], SIGN * slope, s))
         # keys past Sk and padded keys too: their p could overflow, and inf * (k = 0) is NaN
         if MASK and IS_CAUSAL:
             p = tl.where(kv_mask[None, :] & (offs_n[None, :] <= i_rel[:, None]), p, 0.0)
@@ -258,19 +293,26 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
         dp = _dot(do, vT, INPUT_PRECISION, INTERPRETER)
         if HAS_DROPOUT:  # dp of the kept probabilities; delta = rowsum(o * do) already is
             keep = _dropout_keep(seed, bh, rows[:, None], (start_n + offs_n)[None, :], dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
         if HAS_SLOPE_GRAD:  # p is 0 for hidden keys: they add nothing
-            rel = i_rel.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :]  # i' - j
-            if MASK and not IS_CAUSAL:
-                pd = p * tl.abs(rel)
-            elif MASK:
-                pd = p * rel
-            else:
-                pd = p * (SIGN * rel)
-            p_dist_dp += tl.sum(pd * dp, 1)
-            p_dist += tl.sum(pd, 1)
-            p_dp += tl.sum(p * dp, 1)
+            if HAS_DROPOUT:
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            pdp = p * dp
+            ds = tl.fma(p, -delta[:, None], pdp)  # p * (dp - delta), pdp reused below
+            if MASK and not IS_CAUSAL:  # the band: |i' - j| per score
+                pd = p * tl.abs(i_relf[:, None] - colf[None, :])
+                p_dist_dp += tl.sum(pd * dp, 1)
+                p_dist += tl.sum(pd, 1)
+                p_dp += tl.sum(pdp, 1)
+            else:  # dist = SIGN * (i' - j): per tile, the row sums of pdp, pdp * j, p, p * j
+                s_pdp = tl.sum(pdp, 1)
+                p_dist_dp += SIGN * (i_relf * s_pdp - tl.sum(pdp * colf[None, :], 1))
+                p_dist += SIGN * (i_relf * tl.sum(p, 1) - tl.sum(p * colf[None, :], 1))
+                p_dp += s_pdp
+        elif HAS_DROPOUT:  # one FMA: dp / (1 - dropout_p) - delta; -delta where dropped
+            ds = p * tl.where(keep, tl.fma(dp, 1.0 / (1.0 - dropout_p), -delta[:, None]),
+                              -delta[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         dq = _mma(_narrow(ds, kT.dtype, INTERPRETER), tl.trans(kT), dq, INPUT_PRECISION,
                   INTERPRETER)
         K += BLOCK_N * stride_kn
@@ -332,7 +374,7 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEE
     delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
 
     pos_q = offs_m + (seqlen_k - seqlen_q)
-    col = slope * offs_n.to(tl.float32)
+    colf = offs_n.to(tl.float32)
     offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     offs_vT = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -348,28 +390,28 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEE
     if 0 < a:
         dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
             dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
-            stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m,
+            stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m,
             dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT,
             HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
     if a < b:
         dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
             dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
-            stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m,
+            stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m,
             dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT,
             HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
     if not IS_CAUSAL:
         if b < c:
             dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
                 dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
-                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c, seed,
+                stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, b, c, seed,
                 bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1,
                 HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
         if c < seqlen_k:
             dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
                 dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
-                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c, seqlen_k,
-                seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1,
-                HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+                stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, c,
+                seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True,
+                1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
     if HAS_SLOPE_GRAD:
         # The bias is -m * dist: dm = -sum_ij dS * dist with dS = p * (dp - delta_i), summed
         # per row as p_dist_dp - delta_i * p_dist. delta_i is rowsum(p * dp) = p_dp, formed

@@ -66,24 +66,27 @@ def _tile(config) -> tuple:
 # the conservative one that fits D = 256 on any recent GPU. Left out, because they spill on
 # sm_90 at D = 128 (bench/NOTES.md has the audit): forward (128, 64, 4, 3), which spills in
 # the tutorial too; dq (128, 32, 4, 5) (the tutorial too); dkdv (64, 128, 8, 3) and
-# (32, 128, 4, 5) (the tutorial too), (32, 128, 8, 3) and (64, 64, 8, 2).
+# (32, 128, 4, 5) (the tutorial too), (32, 128, 8, 2), (64, 64, 4, 3) and (64, 64, 8, 2).
+# dkdv's BLOCK_M must divide the largest one (``_bias_period``).
 _FWD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                 (64, 64, 8, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 4, 1)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 4, 1)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
 # Tiles that spill in one variant only, kept for the others ("a+b": both at once). Forward:
 # the big tiles fit 255 registers only with TMA loads (pointer loads hold 16 addresses per
 # thread more; the bias column term needs 32 registers on top of the tutorial's 228); the
 # symmetric forward's four loop stages spill 44-68 B at (128, 64, 8, 3) with pointers; the
 # dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
-# with pointers. dkdv's loop over the query heads
-# of a KV head (GQA, group > 1) spills 556-872 B of scalars at (32, 64, 4, 3).
+# with pointers. dq: the Philox rounds spill 76 B at (64, 64, 4, 3) (255 registers; the
+# (128, 64, 8, 3) tile, the same per thread, fits in 250). dkdv: the loop over the query heads
+# of a KV head (GQA, group > 1) spills 88-300 B at (32, 128, 8, 3) and 556-872 B of scalars at
+# (32, 64, 4, 3); dropout spills 332 B at (32, 128, 8, 3).
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+dropout": [(64, 64, 4, 3)]},
-    "dq": {},
-    "dkdv": {"gqa": [(32, 64, 4, 3)]},
+    "dq": {"dropout": [(64, 64, 4, 3)]},
+    "dkdv": {"gqa": [(32, 128, 8, 3), (32, 64, 4, 3)], "dropout": [(32, 128, 8, 3)]},
 }
 _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
                  "IS_VARLEN", "HAS_DROPOUT", "INPUT_PRECISION"]
@@ -340,21 +343,29 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
     mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
     cu_q, cu_k = _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes)
     seed = slopes if seed is None else seed
+    lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    # the dkdv kernel's query terms, from the preprocess: [0] after the keys, [1] before
+    # (symmetric only)
+    lse_bias = torch.empty((1 if is_causal else 2, *lse.shape), dtype=torch.float32,
+                           device=q.device)
+    bias_period = _bias_period()
     # One fp32 partial slope gradient per dq program, in slots enough for the smallest tile
     # the autotuner may pick (slots it does not reach stay 0); summed below, deterministic.
     slots = _backend.cdiv(max_seqlen_q if varlen else seqlen_q, _min_block_m())
     slots = slots if slopes_grad else 0
     dslope_parts = torch.zeros((batch, num_heads, slots), dtype=torch.float32, device=q.device)
     with _backend.device_guard(q):
-        if dq.numel() > 0:
-            # rowsum(out * grad_out) needs no sequence bounds: packed rows are one long batch
-            block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
-            _launch(preprocess, wrap)[(_backend.cdiv(seqlen_q, block_m), num_heads, q.shape[0])](
-                out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
-                HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m)
         if varlen:
             seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        if dq.numel() > 0 and seqlen_q > 0:
+            block_m = meta.get("BLOCK_M", _PREPROCESS_BLOCK_M)
+            _launch(preprocess, wrap)[(_backend.cdiv(seqlen_q, block_m), num_heads, batch)](
+                out, grad_out, delta, lse, lse_bias, slopes, cu_q,
+                *_strides(out, grad_out, varlen=varlen), *_lse_strides(lse, varlen),
+                _slope_batch_stride(slopes), lse.numel(), seqlen_q,
+                HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m,
+                BIAS_PERIOD=bias_period, IS_CAUSAL=is_causal, IS_VARLEN=varlen)
         common = (*_lse_strides(lse, varlen), _slope_batch_stride(slopes), stride_mb, stride_mn,
                   num_heads // num_kv_heads, seqlen_q, seqlen_k,
                   _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
@@ -368,13 +379,22 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
         if dk.numel() > 0 and seqlen_k > 0:
             grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
             _launch(dkdv, wrap)[grid](
-                q, k, v, grad_out, dk, dv, lse, delta, slopes, mask, cu_q, cu_k, seed, scale,
-                dropout_p, *_strides(q, k, v, grad_out, dk, dv, varlen=varlen), *common, **meta)
+                q, k, v, grad_out, dk, dv, lse_bias, delta, slopes, mask, cu_q, cu_k, seed,
+                scale, dropout_p, *_strides(q, k, v, grad_out, dk, dv, varlen=varlen),
+                *common[:5], lse.numel(), *common[5:], BIAS_PERIOD=bias_period, **meta)
     dslopes = dslope_parts.sum(-1)  # [B, Hq]
     if slopes_grad and slopes.dim() == 1:
         dslopes = dslopes.sum(0)
     return (*(_layout(t, layout, varlen) for t in (dq, dk, dv)), dslopes.reshape(slopes.shape)
             if slopes_grad else dslopes.new_empty(0))
+
+
+def _bias_period() -> int:
+    """The period of the dkdv kernel's query terms: every ``BLOCK_M`` it may run with divides
+    it, and it is no larger, so the terms stay as small as a tile's."""
+    if _backend.interpreting():
+        return _INTERPRETER_META["BLOCK_M"]
+    return max(c[0] for c in _DKDV_CONFIGS)
 
 
 def _min_block_m() -> int:

@@ -28,9 +28,11 @@ SM90_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block
 ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "*bf16",
               "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "offsets_ptr": "*i64"}
 ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16"),
-              "LSE": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32", "KPM": "*u8",
-              "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32", "SEED": "*i64",
+              "LSE": "*fp32", "LSE_BIAS": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32",
+              "KPM": "*u8", "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32", "SEED": "*i64",
               "DSLOPE": "*fp32", "dropout_p": "fp32"}
+# the dkdv kernel's period of the preprocess's query terms (ignored by the other kernels)
+BWD = {"BIAS_PERIOD": alibi_ops._bias_period()}
 # the forward's pointer path (bench/audit.py compiles the TMA one with real descriptors)
 POINTERS = {"K_DESC": None, "V_DESC": None, "USE_TMA": False}
 ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
@@ -85,8 +87,8 @@ def cases():
                                                (256, False, False, True)):
             meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
                     "HAS_KEY_MASK": masked, "IS_VARLEN": varlen, "HAS_DROPOUT": False,
-                    "HAS_SLOPE_GRAD": False,
-                    "INPUT_PRECISION": "ieee" if fp32 else None, "INTERPRETER": False, **POINTERS}
+                    "HAS_SLOPE_GRAD": False, "INPUT_PRECISION": "ieee" if fp32 else None,
+                    "INTERPRETER": False, **POINTERS, **BWD}
             pruned = alibi_ops._prune_configs([alibi_ops._config(*c) for c in configs], {},
                                               kernel=name, **meta)
             config = pruned[0]
@@ -98,7 +100,7 @@ def cases():
         for dropout, slope_grad in ((True, True), (False, True))[:2 if name == "dq" else 1]:
             meta = {"HEAD_DIM": 128, "BLOCK_D": 128, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                     "IS_VARLEN": False, "HAS_DROPOUT": dropout, "HAS_SLOPE_GRAD": slope_grad,
-                    "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS}
+                    "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, **BWD}
             config = alibi_ops._config(*configs[0])
             yield (f"alibi {name} D=128 dropout={dropout} slope_grad={slope_grad} "
                    f"{tuple(config.kwargs.values())}", kernel, ATTN_TYPES,
@@ -106,7 +108,7 @@ def cases():
         # Decode (Sq = 1), MHA, packed: lengths and group arrive specialised to constants.
         meta = {"HEAD_DIM": 64, "BLOCK_D": 64, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                 "IS_VARLEN": True, "HAS_DROPOUT": False, "HAS_SLOPE_GRAD": False,
-                "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS,
+                "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, "BIAS_PERIOD": 64,
                 "BLOCK_M": 64, "BLOCK_N": 64, "seqlen_q": 1, "SQ_BUCKET": 1, "group": 1}
         yield f"alibi {name} D=64 varlen=True Sq=1 group=1", kernel, ATTN_TYPES, meta, 4, 2
     yield from decode_cases()
