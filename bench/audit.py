@@ -310,8 +310,9 @@ def analyse(compiled, arch: int, report: Report, block_m: int, block_n: int,
 # ------------------------------------------------------------------------------------------
 
 
-def _pruned(launch: Launch) -> list:
-    """``[(meta, (BLOCK_M, BLOCK_N, num_warps, num_stages))]``: what the autotuner may run."""
+def _pruned(launch: Launch, arch: int = 90) -> list:
+    """``[(meta, (BLOCK_M, BLOCK_N, num_warps, num_stages), config)]``: what the autotuner may
+    run on ``arch``."""
     from posenc_triton import alibi_ops
 
     if not launch.configs:  # a fixed launch (the preprocess)
@@ -319,7 +320,11 @@ def _pruned(launch: Launch) -> list:
     named = dict(zip([p.name for p in launch.fn.params if not p.is_constexpr], launch.args))
     configs = launch.configs
     if not launch.name.startswith("tutorial"):
-        configs = alibi_ops._prune_configs(configs, named, kernel=launch.name, **launch.meta)
+        real, alibi_ops._arch = alibi_ops._arch, lambda t: arch
+        try:
+            configs = alibi_ops._prune_configs(configs, named, kernel=launch.name, **launch.meta)
+        finally:
+            alibi_ops._arch = real
     out = []
     for c in configs:
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -340,7 +345,7 @@ def audit_case(case: Case, arch: int = 90) -> list:
         launches = [la for la in record(case, arch) if la.name == case.kernel]
     reports = []
     for launch in launches:
-        for meta, tile, config in _pruned(launch):
+        for meta, tile, config in _pruned(launch, arch):
             if config is not None and config.pre_hook is not None:
                 names = [p.name for p in launch.fn.params if not p.is_constexpr]
                 config.pre_hook({**dict(zip(names, launch.args)), **meta})

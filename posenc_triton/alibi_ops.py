@@ -35,26 +35,37 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
     """Keep the configs that neither spill registers nor overflow sm_90's 227 KiB of shared
     memory (``python -m posenc_triton.bench.audit`` checks both on the sm_90 machine code).
 
-    Shared memory: every tile up to 256 bytes per head row (bf16/fp16 at D <= 128); small
-    tiles with shallow pipelines up to 512 (D = 256, or fp32 at D <= 128); the smallest
-    beyond (fp32 at D = 256). Registers: ``_SPILLS`` lists the tiles that spill in a variant.
+    fp32 (IEEE products: no tensor cores, both operand tiles in registers) runs
+    ``_IEEE_TILE`` only, the tile that fits every head dim. Shared memory: every tile up to 256
+    bytes per head row (bf16/fp16 at D <= 128); small tiles with shallow pipelines beyond
+    (D = 256). Registers: ``_SPILLS`` lists the tiles that spill in a variant.
     """
     def get(name):
         return kwargs.get(name, named_args.get(name))
 
+    if get("INPUT_PRECISION") == "ieee":
+        return [_config(*_IEEE_TILE, pre_hook=configs[0].pre_hook)]
+
     on = {"all": True, "symmetric": not get("IS_CAUSAL"), "gqa": get("group") != 1,
           "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
-          "pointers": not get("USE_TMA")}
+          "pointers": not get("USE_TMA"), "key_mask": get("HAS_KEY_MASK"),
+          "sm80": _arch(get("Q")) < 90}
     drop = {tile for variant, tiles in _SPILLS.get(kernel, {}).items()
             if all(on[part] for part in variant.split("+")) for tile in tiles}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
-    row_bytes = get("BLOCK_D") * (4 if get("INPUT_PRECISION") == "ieee" else 2)
-    if row_bytes <= 256:
+    if get("BLOCK_D") <= 128:
         return kept
-    tile = 64 * 64 if row_bytes <= 512 else 64 * 32
     small = [c for c in kept
-             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= tile and c.num_stages <= 2]
+             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
     return small or kept[-1:]
+
+
+def _arch(t) -> int:
+    """``t``'s GPU as ``10 * major + minor``; sm_90 for anything else (the static audit)."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return 90
 
 
 def _tile(config) -> tuple:
@@ -77,17 +88,21 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
 # thread more; the bias column term needs 32 registers on top of the tutorial's 228); the
 # symmetric forward's four loop stages spill 44-68 B at (128, 64, 8, 3) with pointers; the
 # dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
-# with pointers. dq: the Philox rounds spill 76 B at (64, 64, 4, 3) (255 registers; the
-# (128, 64, 8, 3) tile, the same per thread, fits in 250). dkdv: the loop over the query heads
-# of a KV head (GQA, group > 1) spills 88-300 B at (32, 128, 8, 3) and 556-872 B of scalars at
-# (32, 64, 4, 3); dropout spills 332 B at (32, 128, 8, 3).
+# with pointers; on sm_80 the key mask's loads spill 40 B at (128, 64, 8, 3). dq: the Philox
+# rounds spill 76 B at (64, 64, 4, 3) (255 registers; the (128, 64, 8, 3) tile, the same per
+# thread, fits in 250). dkdv: the loop over the query heads of a KV head (GQA, group > 1)
+# spills 88-300 B at (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout
+# spills 332 B at (32, 128, 8, 3).
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
-            "pointers+dropout": [(64, 64, 4, 3)]},
+            "pointers+dropout": [(64, 64, 4, 3)], "sm80+key_mask": [(128, 64, 8, 3)]},
     "dq": {"dropout": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 128, 8, 3), (32, 64, 4, 3)], "dropout": [(32, 128, 8, 3)]},
 }
+# fp32 inputs: with IEEE products every larger tile spills on sm_90, up to 150 KB at D = 256
+# (bench/NOTES.md); this one holds 66-128 registers at D = 64-256 with pointer loads.
+_IEEE_TILE = (16, 16, 4, 1)
 _AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
                  "IS_VARLEN", "HAS_DROPOUT", "INPUT_PRECISION"]
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
@@ -306,7 +321,8 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
         fwd = _kernels(_backend.interpreting())[0]
         meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
         descs = (None, None)
-        if not (wrap or varlen or key_padding_mask is not None):  # padded keys: never read
+        # padded keys are never read; IEEE fp32 products need the registers TMA tiles take
+        if not (wrap or varlen or key_padding_mask is not None or q.dtype == torch.float32):
             descs = _tma_descriptors(k, v, meta["BLOCK_D"])
         meta["USE_TMA"] = descs[0] is not None
         if meta["USE_TMA"] and not _backend.interpreting():
@@ -403,7 +419,7 @@ def _min_block_m() -> int:
     """The smallest ``BLOCK_M`` the ``dq`` kernel may run with."""
     if _backend.interpreting():
         return _INTERPRETER_META["BLOCK_M"]
-    return min(c[0] for c in _DQ_CONFIGS)
+    return min(min(c[0] for c in _DQ_CONFIGS), _IEEE_TILE[0])
 
 
 def _launch(kernel, wrap: bool):
