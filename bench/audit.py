@@ -394,6 +394,11 @@ def cases(full: bool) -> list:
     return out
 
 
+def _fp(report: Report) -> str:
+    """FP ALU per score, or "-" where no loop holds tensor-core ops (IEEE fp32 products)."""
+    return f"{report.fp_per_score:.2f}" if report.loop_instructions else "-"
+
+
 def table(reports: list) -> str:
     head = ("| case | arch | tile (M,N,w,s) | regs | spill B | shared B | wgmma | mma | C7515 "
             "| TMA | loop instr | FP ALU/score | problems |")
@@ -402,7 +407,7 @@ def table(reports: list) -> str:
         rows.append(f"| {r.case.label()} | sm_{r.arch} | {r.config} | {r.registers} | "
                     f"{r.spill_bytes} | {r.shared} | {r.wgmma} | {r.mma_sync} | "
                     f"{'yes' if r.serialised else 'no'} | {r.tma_loads} | "
-                    f"{r.loop_instructions} | {r.fp_per_score:.2f} | "
+                    f"{r.loop_instructions} | {_fp(r)} | "
                     f"{'; '.join(r.problems()) or 'ok'} |")
     return "\n".join(rows)
 

@@ -1,7 +1,8 @@
 """The static sm_90 audit (posenc_triton.bench.audit) passes: every config the autotuner can
-pick for the ALiBi kernels at D = 128 bf16 (causal and symmetric, GQA and MHA) compiles for
-sm_90 with real-launch specialisation, without spills, serialised wgmma or too much shared
-memory. The full audit (``--full``: other head dims, dtypes, masks, packed) runs by hand."""
+pick for the ALiBi kernels at D = 128 bf16 (causal and symmetric, GQA and MHA, fused dropout,
+trainable slopes) compiles for sm_90 with real-launch specialisation, without spills,
+serialised wgmma or too much shared memory, and the dense forward loads K/V with TMA. The full
+audit (``--full``: other head dims, dtypes, masks, packed, sm_80) runs by hand."""
 
 import os
 import subprocess
@@ -21,3 +22,7 @@ def test_audit_sm90():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]  # no header
     assert len(rows) > 20 and all(line.endswith("| ok |") for line in rows)
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in rows]
+    forward = [c for c in cells if c[0].startswith("fwd D128 bf16")]
+    assert forward and all(int(c[9]) > 0 for c in forward), "a dense forward without TMA"
+    assert any(c[2] == "(128, 128, 8, 3)" for c in forward), "the 128x128 tile is not offered"
