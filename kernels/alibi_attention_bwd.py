@@ -246,6 +246,17 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q
 
 
 @triton.jit
+def _row_moments(x, colf, BLOCK_N: tl.constexpr):
+    """``(sum_j x[:, j], sum_j x[:, j] * j)`` of ``x [BLOCK_M, BLOCK_N]``, ``colf = [0,
+    BLOCK_N)`` in fp32: by column pairs ``(j, j + 1)``, ``a * j + b * (j + 1) = (a + b) * j + b``,
+    so both sums cost two instructions per element (a pair's columns share a thread)."""
+    a, b = x.reshape(x.shape[0], BLOCK_N // 2, 2).split()
+    j, _ = colf.reshape(BLOCK_N // 2, 2).split()
+    pair = a + b
+    return tl.sum(pair, 1), tl.sum(tl.fma(pair, j[None, :], b), 1)
+
+
+@triton.jit
 def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta,
                              offs_kT, offs_vT, stride_kn, stride_vn, stride_mn,
                              pos_q, colf, qk_scale, slope, seqlen_k, lo, hi,
@@ -304,9 +315,10 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
                 p_dist += tl.sum(pd, 1)
                 p_dp += tl.sum(pdp, 1)
             else:  # dist = SIGN * (i' - j): per tile, the row sums of pdp, pdp * j, p, p * j
-                s_pdp = tl.sum(pdp, 1)
-                p_dist_dp += SIGN * (i_relf * s_pdp - tl.sum(pdp * colf[None, :], 1))
-                p_dist += SIGN * (i_relf * tl.sum(p, 1) - tl.sum(p * colf[None, :], 1))
+                s_pdp, j_pdp = _row_moments(pdp, colf, BLOCK_N)
+                s_p, j_p = _row_moments(p, colf, BLOCK_N)
+                p_dist_dp += SIGN * (i_relf * s_pdp - j_pdp)
+                p_dist += SIGN * (i_relf * s_p - j_p)
                 p_dp += s_pdp
         elif HAS_DROPOUT:  # one FMA: dp / (1 - dropout_p) - delta; -delta where dropped
             ds = p * tl.where(keep, tl.fma(dp, 1.0 / (1.0 - dropout_p), -delta[:, None]),

@@ -77,12 +77,14 @@ def _tile(config) -> tuple:
 # the conservative one that fits D = 256 on any recent GPU. Left out, because they spill on
 # sm_90 at D = 128 (bench/NOTES.md has the audit): forward (128, 64, 4, 3), which spills in
 # the tutorial too; dq (128, 32, 4, 5) (the tutorial too); dkdv (64, 128, 8, 3) and
-# (32, 128, 4, 5) (the tutorial too), (32, 128, 8, 2), (64, 64, 4, 3) and (64, 64, 8, 2).
-# dkdv's BLOCK_M must divide the largest one (``_bias_period``).
+# (32, 128, 4, 5) (the tutorial too), (32, 128, 8, 2), (64, 64, 4, 3) and (64, 64, 8, 2);
+# at D = 256 (the small tiles below) dq (64, 32, 4, 2) and (32, 32, 4, 1), dkdv (32, 32, 4, 1)
+# and (16, 64, 8, 2), hence dq's (64, 32, 4, 3) and the D = 256 ends dq (64, 16, 4, 2) and dkdv
+# (32, 32, 8, 2). dkdv's BLOCK_M must divide the largest one (``_bias_period``).
 _FWD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                 (64, 64, 8, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 4, 1)]
-_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 8, 2)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 2)]
 # Tiles that spill in one variant only, kept for the others ("a+b": both at once). Forward:
 # the big tiles fit 255 registers only with TMA loads (pointer loads hold 16 addresses per
 # thread more; the bias column term needs 32 registers on top of the tutorial's 228); the
@@ -90,15 +92,18 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
 # dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
 # with pointers; on sm_80 the key mask's loads spill 40 B at (128, 64, 8, 3). dq: the Philox
 # rounds spill 76 B at (64, 64, 4, 3) (255 registers; the (128, 64, 8, 3) tile, the same per
-# thread, fits in 250). dkdv: the loop over the query heads of a KV head (GQA, group > 1)
-# spills 88-300 B at (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout
-# spills 332 B at (32, 128, 8, 3).
+# thread, fits in 250), 428 B at (128, 64, 8, 3) with the slope gradient's row sums as well.
+# dkdv: the loop over the query heads of a KV head (GQA, group > 1) spills 88-300 B at
+# (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout spills 332 B at
+# (32, 128, 8, 3), symmetric dropout 40 B at (32, 64, 4, 3) and, with GQA, 84 B at
+# (16, 128, 8, 3).
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+dropout": [(64, 64, 4, 3)], "sm80+key_mask": [(128, 64, 8, 3)]},
-    "dq": {"dropout": [(64, 64, 4, 3)]},
-    "dkdv": {"gqa": [(32, 128, 8, 3), (32, 64, 4, 3)], "dropout": [(32, 128, 8, 3)]},
+    "dq": {"dropout": [(64, 64, 4, 3)], "dropout+slope_grad": [(128, 64, 8, 3)]},
+    "dkdv": {"gqa": [(32, 128, 8, 3), (32, 64, 4, 3)], "dropout": [(32, 128, 8, 3)],
+             "symmetric+dropout": [(32, 64, 4, 3)], "symmetric+dropout+gqa": [(16, 128, 8, 3)]},
 }
 # fp32 inputs: with IEEE products every larger tile spills on sm_90, up to 150 KB at D = 256
 # (bench/NOTES.md); this one holds 66-128 registers at D = 64-256 with pointer loads.
@@ -412,7 +417,7 @@ def _bias_period() -> int:
     tiles do)."""
     if _backend.interpreting():
         return 2 * _INTERPRETER_META["BLOCK_M"]
-    return max(c[0] for c in _DKDV_CONFIGS)
+    return max(max(c[0] for c in _DKDV_CONFIGS), _IEEE_TILE[0])
 
 
 def _min_block_m() -> int:
