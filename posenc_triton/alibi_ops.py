@@ -49,6 +49,7 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
     on = {"all": True, "symmetric": not get("IS_CAUSAL"), "gqa": get("group") != 1,
           "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
           "pointers": not get("USE_TMA"), "key_mask": get("HAS_KEY_MASK"),
+          "varlen": get("IS_VARLEN"),
           "sm80": _arch(get("Q")) < 90}
     drop = {tile for variant, tiles in _SPILLS.get(kernel, {}).items()
             if all(on[part] for part in variant.split("+")) for tile in tiles}
@@ -92,7 +93,8 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
 # with pointers; on sm_80 the key mask's loads spill 40 B at (128, 64, 8, 3). dq: the Philox
 # rounds spill 76 B at (64, 64, 4, 3) (255 registers; the (128, 64, 8, 3) tile, the same per
-# thread, fits in 250), 428 B at (128, 64, 8, 3) with the slope gradient's row sums as well.
+# thread, fits in 250), 428 B at (128, 64, 8, 3) with the slope gradient's row sums as well;
+# packed input's sequence bounds spill 24-92 B at (64, 64, 4, 3).
 # dkdv: the loop over the query heads of a KV head (GQA, group > 1) spills 88-300 B at
 # (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout spills 332 B at
 # (32, 128, 8, 3), symmetric dropout 40 B at (32, 64, 4, 3) and, with GQA, 84 B at
@@ -101,7 +103,8 @@ _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+dropout": [(64, 64, 4, 3)], "sm80+key_mask": [(128, 64, 8, 3)]},
-    "dq": {"dropout": [(64, 64, 4, 3)], "dropout+slope_grad": [(128, 64, 8, 3)]},
+    "dq": {"dropout": [(64, 64, 4, 3)], "dropout+slope_grad": [(128, 64, 8, 3)],
+           "varlen": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 128, 8, 3), (32, 64, 4, 3)], "dropout": [(32, 128, 8, 3)],
              "symmetric+dropout": [(32, 64, 4, 3)], "symmetric+dropout+gqa": [(16, 128, 8, 3)]},
 }
