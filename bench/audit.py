@@ -119,7 +119,7 @@ class _Recorder:
 @contextlib.contextmanager
 def _recording(launches, tma: bool):
     """The launchers run with the kernels swapped for recorders; ``tma``: as on sm_90, where
-    the forward's K/V tiles come through tensor descriptors."""
+    the tiles the kernels loop over come through tensor descriptors."""
     from posenc_triton import alibi_ops
     from posenc_triton.kernels import alibi_attention as kern
     from posenc_triton.kernels import alibi_attention_bwd as bwd
@@ -128,19 +128,17 @@ def _recording(launches, tma: bool):
              ("preprocess", bwd._alibi_attn_bwd_preprocess, None),
              ("dkdv", bwd._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS),
              ("dq", bwd._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS))
-    recorders = tuple(_Recorder(name, fn, [alibi_ops._config(*c) for c in configs or []],
-                                launches) for name, fn, configs in table)
-    tma_fwd = _Recorder("fwd", kern._alibi_attn_fwd, [
-        alibi_ops._config(*c, pre_hook=alibi_ops._descriptor_blocks)
-        for c in alibi_ops._FWD_CONFIGS], launches)
-    real = alibi_ops._kernels, alibi_ops._tma_forward, alibi_ops._tma_capable
-    alibi_ops._kernels = lambda interpreting: recorders
-    alibi_ops._tma_forward = lambda: tma_fwd
+    recorders = {hooked: tuple(_Recorder(name, fn, [
+        alibi_ops._config(*c, pre_hook=alibi_ops._descriptor_blocks if hooked else None)
+        for c in configs or []], launches) for name, fn, configs in table)
+        for hooked in (False, True)}
+    real = alibi_ops._kernels, alibi_ops._tma_capable
+    alibi_ops._kernels = lambda interpreting, tma=False: recorders[tma]
     alibi_ops._tma_capable = lambda t: tma
     try:
         yield
     finally:
-        alibi_ops._kernels, alibi_ops._tma_forward, alibi_ops._tma_capable = real
+        alibi_ops._kernels, alibi_ops._tma_capable = real
 
 
 def record(case: Case, arch: int = 90) -> list:
@@ -389,7 +387,8 @@ def cases(full: bool) -> list:
             for head_dim, dtype in ((64, "bf16"), (256, "bf16"), (80, "bf16"), (128, "fp16"),
                                     (64, "fp32"), (128, "fp32"), (256, "fp32")):
                 out.append(Case(kernel, head_dim, dtype))
-            out += [Case(kernel, key_mask=True), Case(kernel, varlen=True)]
+            out += [Case(kernel, key_mask=True), Case(kernel, varlen=True),
+                    Case(kernel, 256, group=1), Case(kernel, 64, group=1, causal=False)]
         out += [Case("preprocess", 256, "fp32"), Case("preprocess", 64)]
     return out
 

@@ -62,30 +62,38 @@ def _alibi_attn_bwd_preprocess(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q,
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, k, v, keep, offs_qT, offs_do,
+def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, Q_DESC, DO_DESC, tma_b, tma_h,
+                               k, v, keep, offs_qT, offs_do,
                                stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope,
                                seqlen_q, shift, lo, hi, seed, bh, dropout_p,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BIAS_PERIOD: tl.constexpr,
                                IS_CAUSAL: tl.constexpr, MASK: tl.constexpr, SIGN: tl.constexpr,
                                HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                               USE_TMA: tl.constexpr,
                                INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Accumulate one query head's query tiles ``[lo, hi)`` into ``dk``, ``dv [BLOCK_N,
     BLOCK_D]``: masked (``MASK``) or on the ``SIGN`` side of every key (+1: after).
 
     Works transposed (keys along rows). ``Q``, ``DO``, ``LSEB``, ``DELTA`` point at tile ``lo``
-    and come back past ``hi``; ``LSEB`` is the preprocess's ``LSE_BIAS``. ``pos_k``: the keys'
-    positions (int32). Query rows past ``Sq`` load ``+inf`` there, so their probabilities are
-    0; key rows past ``Sk`` only touch their own rows, which are not stored. Padded keys
-    (``keep`` false, with ``HAS_KEY_MASK``) get probability 0: ``dk = dv = 0``.
+    and come back past ``hi``; ``LSEB`` is the preprocess's ``LSE_BIAS``. ``USE_TMA``: Q and
+    dO tiles come from the descriptors instead, at ``(tma_b, tma_h, query, 0)``. ``pos_k``:
+    the keys' positions (int32). Query rows past ``Sq`` load ``+inf`` there, so their
+    probabilities are 0; key rows past ``Sk`` only touch their own rows, which are not
+    stored. Padded keys (``keep`` false, with ``HAS_KEY_MASK``) get probability 0:
+    ``dk = dv = 0``.
     """
     tl.static_assert(BIAS_PERIOD % BLOCK_M == 0)  # a tile's queries share i - i mod period
     offs_m = tl.arange(0, BLOCK_M)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         m_mask = offs_m < seqlen_q - start_m
-        qT = tl.load(Q + offs_qT, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
-        do = tl.load(DO + offs_do, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if USE_TMA:  # rows past Sq read 0
+            qT = tl.trans(Q_DESC.load([tma_b, tma_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
+            do = DO_DESC.load([tma_b, tma_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            qT = tl.load(Q + offs_qT, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+            do = tl.load(DO + offs_do, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         if MASK and not IS_CAUSAL:
             c_after = tl.load(LSEB + offs_m, mask=m_mask, other=float("inf"))
             c_before = tl.load(LSEB + stride_cs + offs_m, mask=m_mask, other=float("inf"))
@@ -136,7 +144,7 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, k, v, keep, offs_qT, 
 
 @triton.jit
 def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
-                         sm_scale, dropout_p,
+                         Q_DESC, DO_DESC, sm_scale, dropout_p,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
@@ -150,12 +158,15 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_PERIOD: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                          IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+                         USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``; ``LSE_BIAS`` and
     ``stride_cs`` as the preprocess wrote them, with the same ``BIAS_PERIOD``.
 
     Each program sums over the ``group`` query heads that share its KV head in registers and
-    stores once: GQA gradients without atomics, deterministic.
+    stores once: GQA gradients without atomics, deterministic. ``USE_TMA`` (dense, no key
+    mask): ``Q_DESC``/``DO_DESC`` describe Q and dO ``[B, Hq, Sq, D]`` in ``[1, 1, BLOCK_M,
+    BLOCK_D]`` blocks.
     """
     start_n = tl.program_id(0) * BLOCK_N
     off_kvh = tl.program_id(1).to(tl.int64)
@@ -209,6 +220,7 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q
         seed = tl.load(SEED)
     for g in range(group):
         off_h = off_kvh * group + g
+        tma_b, tma_h = tl.program_id(2), tl.program_id(1) * group + g  # int32
         bh = off_b * (tl.num_programs(1) * group) + off_h
         slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
         row_lo = q0 + tl.cast(lo, tl.int64)
@@ -220,22 +232,23 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q
         if not IS_CAUSAL:
             if 0 < a:
                 dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
-                    dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm,
-                    stride_dom, stride_cs, pos_k, qk_scale, slope, seqlen_q, shift, 0, a, seed,
-                    bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, False, -1,
-                    HAS_KEY_MASK, HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+                    dk, dv, Qh, DOh, LSEh, DELTAh, Q_DESC, DO_DESC, tma_b, tma_h, k, v, keep,
+                    offs_qT, offs_do, stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope,
+                    seqlen_q, shift, 0, a, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
+                    BIAS_PERIOD, IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA,
+                    INPUT_PRECISION, INTERPRETER)
         if a < b:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
-                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
-                stride_cs, pos_k, qk_scale, slope, seqlen_q, shift, a, b, seed, bh, dropout_p,
-                HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, True, 1, HAS_KEY_MASK,
-                HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+                dk, dv, Qh, DOh, LSEh, DELTAh, Q_DESC, DO_DESC, tma_b, tma_h, k, v, keep, offs_qT,
+                offs_do, stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope, seqlen_q, shift,
+                a, b, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, True,
+                1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
         if b < end:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
-                dk, dv, Qh, DOh, LSEh, DELTAh, k, v, keep, offs_qT, offs_do, stride_qm, stride_dom,
-                stride_cs, pos_k, qk_scale, slope, seqlen_q, shift, b, end, seed, bh, dropout_p,
-                HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, False, 1, HAS_KEY_MASK,
-                HAS_DROPOUT, INPUT_PRECISION, INTERPRETER)
+                dk, dv, Qh, DOh, LSEh, DELTAh, Q_DESC, DO_DESC, tma_b, tma_h, k, v, keep, offs_qT,
+                offs_do, stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope, seqlen_q, shift,
+                b, end, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL,
+                False, 1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
     dk *= sm_scale
     if HAS_DROPOUT:
         dv *= 1.0 / (1.0 - dropout_p)
@@ -257,7 +270,8 @@ def _row_moments(x, colf, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta,
+def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b,
+                             tma_h, q, do, lse2, delta,
                              offs_kT, offs_vT, stride_kn, stride_vn, stride_mn,
                              pos_q, colf, qk_scale, slope, seqlen_k, lo, hi,
                              seed, bh, rows, dropout_p,
@@ -265,7 +279,7 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
                              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                              MASK: tl.constexpr, SIGN: tl.constexpr,
                              HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                             HAS_SLOPE_GRAD: tl.constexpr,
+                             HAS_SLOPE_GRAD: tl.constexpr, USE_TMA: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """``dq`` over the key tiles ``[lo, hi)``, as the forward's stages (same arguments, but
     ``colf = [0, BLOCK_N)`` in fp32: the column term ``slope * colf`` is fused into the score's
@@ -282,8 +296,12 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
         if HAS_KEY_MASK:
             keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
             kv_mask = kv_mask & (keep != 0)
-        kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
-        vT = tl.load(V + offs_vT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+        if USE_TMA:  # rows past Sk read 0
+            kT = tl.trans(K_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+            vT = tl.trans(V_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+        else:
+            kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
+            vT = tl.load(V + offs_vT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
         qk = _dot(q, kT, INPUT_PRECISION, INTERPRETER)
         i_rel = pos_q - start_n
         i_relf = i_rel.to(tl.float32)
@@ -335,7 +353,7 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2
 
 @triton.jit
 def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
-                       sm_scale, dropout_p,
+                       K_DESC, V_DESC, sm_scale, dropout_p,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
@@ -349,9 +367,11 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEE
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, HAS_SLOPE_GRAD: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+                       USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``, and with ``HAS_SLOPE_GRAD``
-    this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``."""
+    this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``. ``USE_TMA`` (dense,
+    no key mask): ``K_DESC``/``V_DESC`` as the forward's."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -396,34 +416,39 @@ def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEE
     seed, bh = 0, off_b * tl.num_programs(1) + off_h
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    tma_b, tma_h = tl.program_id(2), tl.program_id(1) // group  # TMA coordinates are int32
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
                       IS_CAUSAL, False)
     # the forward's stages, each under `if`
     if 0 < a:
         dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
-            stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, 0, a, seed, bh, offs_m,
-            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT,
-            HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
+            delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope,
+            seqlen_k, 0, a, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL,
+            False, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA, INPUT_PRECISION,
+            INTERPRETER)
     if a < b:
         dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT, stride_kn,
-            stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, a, b, seed, bh, offs_m,
-            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT,
-            HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
+            delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope,
+            seqlen_k, a, b, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL,
+            True, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA, INPUT_PRECISION,
+            INTERPRETER)
     if not IS_CAUSAL:
         if b < c:
             dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
-                stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, b, c, seed,
-                bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1,
-                HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
+                delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
+                slope, seqlen_k, b, c, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
+                IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA,
+                INPUT_PRECISION, INTERPRETER)
         if c < seqlen_k:
             dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, q, do, lse2, delta, offs_kT, offs_vT,
-                stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope, seqlen_k, c,
-                seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True,
-                1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, INPUT_PRECISION, INTERPRETER)
+                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
+                delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
+                slope, seqlen_k, c, seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
+                BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA,
+                INPUT_PRECISION, INTERPRETER)
     if HAS_SLOPE_GRAD:
         # The bias is -m * dist: dm = -sum_ij dS * dist with dS = p * (dp - delta_i), summed
         # per row as p_dist_dp - delta_i * p_dist. delta_i is rowsum(p * dp) = p_dp, formed

@@ -47,6 +47,7 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
         return [_config(*_IEEE_TILE, pre_hook=configs[0].pre_hook)]
 
     on = {"all": True, "symmetric": not get("IS_CAUSAL"), "gqa": get("group") != 1,
+          "mha": get("group") == 1, "tma": bool(get("USE_TMA")),
           "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
           "pointers": not get("USE_TMA"), "key_mask": get("HAS_KEY_MASK"),
           "varlen": get("IS_VARLEN"),
@@ -56,9 +57,12 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
     if get("BLOCK_D") <= 128:
         return kept
-    small = [c for c in kept
-             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
-    return small or kept[-1:]
+
+    def small(cs):
+        return [c for c in cs
+                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+
+    return small(kept) or small(configs)  # a spill is slow, too much shared memory fails
 
 
 def _arch(t) -> int:
@@ -98,7 +102,9 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # dkdv: the loop over the query heads of a KV head (GQA, group > 1) spills 88-300 B at
 # (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout spills 332 B at
 # (32, 128, 8, 3), symmetric dropout 40 B at (32, 64, 4, 3) and, with GQA, 84 B at
-# (16, 128, 8, 3).
+# (16, 128, 8, 3); with TMA, MHA spills 24 B at (32, 32, 8, 2). The backward's figures were
+# taken with pointer loads: TMA frees registers, so some of those tiles may fit with it (not
+# re-tuned yet).
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
@@ -106,7 +112,8 @@ _SPILLS = {
     "dq": {"dropout": [(64, 64, 4, 3)], "dropout+slope_grad": [(128, 64, 8, 3)],
            "varlen": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 128, 8, 3), (32, 64, 4, 3)], "dropout": [(32, 128, 8, 3)],
-             "symmetric+dropout": [(32, 64, 4, 3)], "symmetric+dropout+gqa": [(16, 128, 8, 3)]},
+             "symmetric+dropout": [(32, 64, 4, 3)], "symmetric+dropout+gqa": [(16, 128, 8, 3)],
+             "tma+mha": [(32, 32, 8, 2)]},
 }
 # fp32 inputs: with IEEE products every larger tile spills on sm_90, up to 150 KB at D = 256
 # (bench/NOTES.md); this one holds 66-128 registers at D = 64-256 with pointer loads.
@@ -117,10 +124,12 @@ _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages":
 _PREPROCESS_BLOCK_M = 64
 
 
-# TMA (sm_90 and later): the forward's K and V tiles through tensor descriptors, whose block
-# follows the config's tile (an autotune pre-hook). torch.compile refuses configs with hooks,
-# so the TMA forward is a second autotuned kernel, for eager launches only.
-_DESC_BLOCKS = {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"}
+# TMA (sm_90 and later): the tiles each kernel loops over (K and V in the forward and dq, Q
+# and dO in dkdv) through tensor descriptors, whose block follows the config's tile (an
+# autotune pre-hook). torch.compile refuses configs with hooks, so the TMA kernels are a
+# second set of autotuned kernels, for eager launches only.
+_DESC_BLOCKS = {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N", "Q_DESC": "BLOCK_M",
+                "DO_DESC": "BLOCK_M"}
 
 
 def _descriptor_blocks(nargs):
@@ -148,32 +157,30 @@ def _tma_strides(t: torch.Tensor):
     return strides
 
 
-def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_d: int) -> tuple:
-    """``(K_DESC, V_DESC)`` over ``[B, Hk, Sk, D]`` views, or ``(None, None)``."""
-    strides = [_tma_strides(t) for t in (k, v)]
-    if not (_tma_capable(k) and all(strides)):
+def _tma_descriptors(a: torch.Tensor, b: torch.Tensor, block_d: int, block: str = "BLOCK_N"
+                     ) -> tuple:
+    """Descriptors of two ``[B, H, S, D]`` views with ``[1, 1, block, block_d]`` blocks (the
+    pre-hook sets ``block`` on GPU), or ``(None, None)`` where TMA cannot load them."""
+    strides = [_tma_strides(t) for t in (a, b)]
+    if not (_tma_capable(a) and all(strides)):
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block = [1, 1, _INTERPRETER_META["BLOCK_N"], block_d]  # on GPU the pre-hook sets it
-    return tuple(TensorDescriptor(t, list(t.shape), st, block) for t, st in zip((k, v), strides))
+    shape = [1, 1, _INTERPRETER_META[block], block_d]
+    return tuple(TensorDescriptor(t, list(t.shape), st, shape) for t, st in zip((a, b), strides))
+
+
+def _tma_eligible(q: torch.Tensor, wrap: bool, varlen: bool, key_padding_mask) -> bool:
+    """Padded keys are never read (masked loads); packed sequences end inside the tensor;
+    ``torch.compile`` graphs take no pre-hooks; IEEE fp32 products need the registers TMA
+    tiles take."""
+    return not (wrap or varlen or key_padding_mask is not None or q.dtype == torch.float32)
 
 
 @functools.cache
-def _tma_forward():
-    import triton
-
-    from posenc_triton.kernels import alibi_attention as kern
-
-    return triton.autotune(
-        [_config(*c, pre_hook=_descriptor_blocks) for c in _FWD_CONFIGS], key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": functools.partial(_prune_configs, kernel="fwd")},
-    )(kern._alibi_attn_fwd)
-
-
-@functools.cache
-def _kernels(interpreting: bool):
-    """``(fwd, preprocess, dkdv, dq)``; autotuned on GPU, raw kernels under the interpreter."""
+def _kernels(interpreting: bool, tma: bool = False):
+    """``(fwd, preprocess, dkdv, dq)``; autotuned on GPU (``tma``: with the pre-hook that sizes
+    the descriptors' blocks), raw kernels under the interpreter."""
     import triton
 
     from posenc_triton.kernels import alibi_attention as kern
@@ -182,7 +189,8 @@ def _kernels(interpreting: bool):
     kernels = (kern._alibi_attn_fwd, bwd._alibi_attn_bwd_dkdv, bwd._alibi_attn_bwd_dq)
     if not interpreting:
         kernels = tuple(
-            triton.autotune([_config(*c) for c in configs], key=_AUTOTUNE_KEY + extra_key,
+            triton.autotune([_config(*c, pre_hook=_descriptor_blocks if tma else None)
+                             for c in configs], key=_AUTOTUNE_KEY + extra_key,
                             prune_configs_by={"early_config_prune": functools.partial(
                                 _prune_configs, kernel=name)})(kernel)
             for kernel, configs, name, extra_key in zip(
@@ -326,15 +334,12 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
     if varlen:
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     if out.numel() > 0 and seqlen_q > 0:
-        fwd = _kernels(_backend.interpreting())[0]
         meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
         descs = (None, None)
-        # padded keys are never read; IEEE fp32 products need the registers TMA tiles take
-        if not (wrap or varlen or key_padding_mask is not None or q.dtype == torch.float32):
+        if _tma_eligible(q, wrap, varlen, key_padding_mask):
             descs = _tma_descriptors(k, v, meta["BLOCK_D"])
         meta["USE_TMA"] = descs[0] is not None
-        if meta["USE_TMA"] and not _backend.interpreting():
-            fwd = _tma_forward()
+        fwd = _kernels(_backend.interpreting(), meta["USE_TMA"])[0]
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
         with _backend.device_guard(q):
@@ -362,8 +367,15 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
     dq = _empty_bhsd(q.shape, layout, q, varlen)
     dk = _empty_bhsd(k.shape, layout, k, varlen)
     dv = _empty_bhsd(v.shape, layout, v, varlen)
-    _, preprocess, dkdv, dq_kernel = _kernels(_backend.interpreting())
     meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
+    kv_descs = qdo_descs = (None, None)
+    if _tma_eligible(q, wrap, varlen, key_padding_mask):
+        kv_descs = _tma_descriptors(k, v, meta["BLOCK_D"])  # dq's tiles
+        qdo_descs = _tma_descriptors(q, grad_out, meta["BLOCK_D"], "BLOCK_M")  # dkdv's
+    dq_tma, dkdv_tma = kv_descs[0] is not None, qdo_descs[0] is not None
+    interpreting = _backend.interpreting()
+    preprocess = _kernels(interpreting)[1]
+    dq_kernel, dkdv = _kernels(interpreting, dq_tma)[3], _kernels(interpreting, dkdv_tma)[2]
     mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
     cu_q, cu_k = _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes)
     seed = slopes if seed is None else seed
@@ -397,15 +409,17 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
             grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
             _launch(dq_kernel, wrap)[grid](
                 q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, seed,
-                dslope_parts, scale, dropout_p,
+                dslope_parts, *kv_descs, scale, dropout_p,
                 *_strides(q, k, v, grad_out, dq, varlen=varlen), *common[:5],
-                *dslope_parts.stride()[:2], *common[5:], HAS_SLOPE_GRAD=slopes_grad, **meta)
+                *dslope_parts.stride()[:2], *common[5:], HAS_SLOPE_GRAD=slopes_grad,
+                **{**meta, "USE_TMA": dq_tma})
         if dk.numel() > 0 and seqlen_k > 0:
             grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
             _launch(dkdv, wrap)[grid](
                 q, k, v, grad_out, dk, dv, lse_bias, delta, slopes, mask, cu_q, cu_k, seed,
-                scale, dropout_p, *_strides(q, k, v, grad_out, dk, dv, varlen=varlen),
-                *common[:5], lse.numel(), *common[5:], BIAS_PERIOD=bias_period, **meta)
+                *qdo_descs, scale, dropout_p, *_strides(q, k, v, grad_out, dk, dv, varlen=varlen),
+                *common[:5], lse.numel(), *common[5:], BIAS_PERIOD=bias_period,
+                **{**meta, "USE_TMA": dkdv_tma})
     dslopes = dslope_parts.sum(-1)  # [B, Hq]
     if slopes_grad and slopes.dim() == 1:
         dslopes = dslopes.sum(0)

@@ -33,8 +33,8 @@ ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf
               "DSLOPE": "*fp32", "dropout_p": "fp32"}
 # the dkdv kernel's period of the preprocess's query terms (ignored by the other kernels)
 BWD = {"BIAS_PERIOD": alibi_ops._bias_period()}
-# the forward's pointer path (bench/audit.py compiles the TMA one with real descriptors)
-POINTERS = {"K_DESC": None, "V_DESC": None, "USE_TMA": False}
+# the pointer path (bench/audit.py compiles the TMA one with real descriptors)
+POINTERS = {"K_DESC": None, "V_DESC": None, "Q_DESC": None, "DO_DESC": None, "USE_TMA": False}
 ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
                                                  "*fp32")}
 
