@@ -92,15 +92,15 @@ def dynamo_graphs() -> int:
 
 def autotuners() -> list:
     """The ALiBi kernels' Triton autotuners, whatever their configs (``alibi_ops`` builds them
-    lazily); an empty list, said, if that private API moved."""
+    lazily; pointer loads, then the TMA set); an empty list, said, if that private API moved."""
     from triton.runtime.autotuner import Autotuner
 
     from posenc_triton import alibi_ops
 
     try:
-        kernels = alibi_ops._kernels(False)
+        kernels = (*alibi_ops._kernels(False), *alibi_ops._kernels(False, True))
     except Exception as exc:  # a missing winner list must not end the run
-        print(f"device check: no autotuners from alibi_ops._kernels(False): {exc!r}")
+        print(f"device check: no autotuners from alibi_ops._kernels: {exc!r}")
         return []
     return [k for k in kernels if isinstance(k, Autotuner)]
 
@@ -111,6 +111,8 @@ def winners() -> dict:
     out = {}
     for tuner in autotuners():
         name = getattr(tuner, "base_fn", tuner.fn).__name__
+        if any(getattr(c, "pre_hook", None) for c in tuner.configs):
+            name += " (TMA)"
         best = getattr(tuner, "best_config", None)
         timings = getattr(tuner, "configs_timings", None) or {}
         out[name] = {"best_config": None if best is None else str(best),
