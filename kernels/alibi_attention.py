@@ -107,6 +107,17 @@ def _stages(start, size_q, size_k, shift, seqlen, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _tma_rows(desc, b, h, row, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+              USE_TMA: tl.constexpr):
+    """Rows ``row + [0, BLOCK)`` of sequence ``(b, h)`` as ``[BLOCK, BLOCK_D]`` from a tensor
+    descriptor in memory order: ``[B, H, S, D]`` (``USE_TMA == 1``) or ``[B, S, H, D]`` (2).
+    Rows past ``S`` and columns past ``D`` read 0."""
+    if USE_TMA == 2:
+        return desc.load([b, row, h, 0]).reshape(BLOCK, BLOCK_D)
+    return desc.load([b, h, row, 0]).reshape(BLOCK, BLOCK_D)
+
+
+@triton.jit
 def _load_keep(KPM, stride_mn, cols, seqlen_k):
     """Key padding mask for key positions ``cols`` (int1); keys past ``Sk`` read as padded."""
     keep = tl.load(KPM + cols.to(tl.int64) * stride_mn, mask=cols < seqlen_k, other=0)
@@ -145,7 +156,7 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h
     """Online softmax over the key tiles ``[lo, hi)``, masked (``MASK``) or on the ``SIGN``
     side of every query row. ``K``, ``V``, ``KPM`` point at tile ``lo`` and come back past
     ``hi``; ``offs_*`` (int32) address a tile from there. ``USE_TMA``: K and V tiles come
-    from the descriptors instead, at ``(tma_b, tma_h, key, 0)``; rows past ``Sk`` read 0.
+    from the descriptors instead (:func:`_tma_rows`); rows past ``Sk`` read 0.
     ``pos_q``: the rows' ``i'`` (int32), ``col = slope * [0, BLOCK_N)``. With ``HAS_DROPOUT``,
     the keep-mask of ``(bh, rows, keys)`` under ``seed`` drops probabilities from the output
     (not from the row sums)."""
@@ -160,8 +171,8 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h
             keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
             kv_mask = kv_mask & (keep != 0)
         if USE_TMA:
-            kT = tl.trans(K_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-            v = V_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            kT = tl.trans(_tma_rows(K_DESC, tma_b, tma_h, start_n, BLOCK_N, BLOCK_D, USE_TMA))
+            v = _tma_rows(V_DESC, tma_b, tma_h, start_n, BLOCK_N, BLOCK_D, USE_TMA)
         else:
             kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
             v = tl.load(V + offs_v, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
@@ -219,8 +230,8 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DE
                     INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``.
 
-    ``USE_TMA`` (dense, no key mask): ``K_DESC``/``V_DESC`` are tensor descriptors of K and V
-    ``[B, Hk, Sk, D]`` with ``[1, 1, BLOCK_N, BLOCK_D]`` blocks, the tiles' loads then TMA.
+    ``USE_TMA`` (dense, no key mask; 1 or 2, see :func:`_tma_rows`): ``K_DESC``/``V_DESC`` are
+    tensor descriptors of K and V in memory order, blocks of ``BLOCK_N`` rows: TMA loads.
     """
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)

@@ -13,7 +13,7 @@ launcher (deterministic: no atomics).
 import triton
 import triton.language as tl
 
-from .alibi_attention import LOG2E, _dot, _load_keep, _mma, _narrow, _sequence, _stages
+from .alibi_attention import LOG2E, _dot, _load_keep, _mma, _narrow, _sequence, _stages, _tma_rows
 from .dropout import _dropout_keep
 
 
@@ -77,7 +77,7 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, Q_DESC, DO_DESC, tma_
 
     Works transposed (keys along rows). ``Q``, ``DO``, ``LSEB``, ``DELTA`` point at tile ``lo``
     and come back past ``hi``; ``LSEB`` is the preprocess's ``LSE_BIAS``. ``USE_TMA``: Q and
-    dO tiles come from the descriptors instead, at ``(tma_b, tma_h, query, 0)``. ``pos_k``:
+    dO tiles come from the descriptors instead (``_tma_rows``). ``pos_k``:
     the keys' positions (int32). Query rows past ``Sq`` load ``+inf`` there, so their
     probabilities are 0; key rows past ``Sk`` only touch their own rows, which are not
     stored. Padded keys (``keep`` false, with ``HAS_KEY_MASK``) get probability 0:
@@ -89,8 +89,8 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, Q_DESC, DO_DESC, tma_
     for start_m in range(lo, hi, BLOCK_M):
         m_mask = offs_m < seqlen_q - start_m
         if USE_TMA:  # rows past Sq read 0
-            qT = tl.trans(Q_DESC.load([tma_b, tma_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
-            do = DO_DESC.load([tma_b, tma_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            qT = tl.trans(_tma_rows(Q_DESC, tma_b, tma_h, start_m, BLOCK_M, BLOCK_D, USE_TMA))
+            do = _tma_rows(DO_DESC, tma_b, tma_h, start_m, BLOCK_M, BLOCK_D, USE_TMA)
         else:
             qT = tl.load(Q + offs_qT, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
             do = tl.load(DO + offs_do, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -165,8 +165,8 @@ def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q
 
     Each program sums over the ``group`` query heads that share its KV head in registers and
     stores once: GQA gradients without atomics, deterministic. ``USE_TMA`` (dense, no key
-    mask): ``Q_DESC``/``DO_DESC`` describe Q and dO ``[B, Hq, Sq, D]`` in ``[1, 1, BLOCK_M,
-    BLOCK_D]`` blocks.
+    mask): ``Q_DESC``/``DO_DESC`` describe Q and dO in memory order, blocks of ``BLOCK_M``
+    rows.
     """
     start_n = tl.program_id(0) * BLOCK_N
     off_kvh = tl.program_id(1).to(tl.int64)
@@ -297,8 +297,8 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
             keep = tl.load(KPM + offs_n * stride_mn, mask=offs_n < seqlen_k - start_n, other=0)
             kv_mask = kv_mask & (keep != 0)
         if USE_TMA:  # rows past Sk read 0
-            kT = tl.trans(K_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-            vT = tl.trans(V_DESC.load([tma_b, tma_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+            kT = tl.trans(_tma_rows(K_DESC, tma_b, tma_h, start_n, BLOCK_N, BLOCK_D, USE_TMA))
+            vT = tl.trans(_tma_rows(V_DESC, tma_b, tma_h, start_n, BLOCK_N, BLOCK_D, USE_TMA))
         else:
             kT = tl.load(K + offs_kT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)
             vT = tl.load(V + offs_vT, mask=d_mask[:, None] & kv_mask[None, :], other=0.0)

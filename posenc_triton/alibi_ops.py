@@ -140,8 +140,11 @@ _DESC_BLOCKS = {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N", "Q_DESC": "BLOCK_M",
 
 def _descriptor_blocks(nargs):
     for name, block in _DESC_BLOCKS.items():
-        if nargs.get(name) is not None:
-            nargs[name].block_shape = [1, 1, nargs[block], nargs["BLOCK_D"]]
+        desc = nargs.get(name)
+        if desc is not None:  # the rows' dimension is the one whose block is not 1
+            rows = 1 if desc.block_shape[1] != 1 else 2
+            desc.block_shape = [nargs[block] if d == rows else 1 for d in range(3)] + [
+                nargs["BLOCK_D"]]
 
 
 def _tma_capable(t: torch.Tensor) -> bool:
@@ -152,28 +155,40 @@ def _tma_capable(t: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def _tma_strides(t: torch.Tensor):
-    """``t``'s strides as a descriptor takes them (16-byte multiples, unit last stride,
-    any stride for a dimension of size 1), or None where TMA cannot address ``t``."""
+def _tma_view(t: torch.Tensor):
+    """``(mode, view, strides)`` for a descriptor of ``t [B, H, S, D]`` in memory order (a
+    tensor map describes a row-major layout, padding allowed): ``mode`` 1 keeps ``[B, H, S,
+    D]``, 2 addresses ``[B, S, H, D]`` (``bshd`` input); a dimension of size 1 takes the packed
+    stride. None where TMA cannot address ``t`` (16-byte aligned base and strides, unit last
+    stride)."""
+    mode = 2 if t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2) else 1
+    view = t.transpose(1, 2) if mode == 2 else t
+    strides = list(view.stride())
+    for i in (2, 1, 0):
+        if view.shape[i] == 1:
+            strides[i] = strides[i + 1] * view.shape[i + 1]
     unit = 16 // t.element_size()
-    strides = [st if n > 1 else unit for st, n in zip(t.stride(), t.shape)]
-    if (t.data_ptr() % 16 or strides[-1] != 1
-            or any(st <= 0 or st % unit for st in strides[:-1])):
+    if (t.data_ptr() % 16 or strides[-1] != 1 or any(st % unit for st in strides[:-1])
+            or any(strides[i] < strides[i + 1] * view.shape[i + 1] for i in range(3))):
         return None
-    return strides
+    return mode, view, strides
 
 
 def _tma_descriptors(a: torch.Tensor, b: torch.Tensor, block_d: int, block: str = "BLOCK_N"
                      ) -> tuple:
-    """Descriptors of two ``[B, H, S, D]`` views with ``[1, 1, block, block_d]`` blocks (the
-    pre-hook sets ``block`` on GPU), or ``(None, None)`` where TMA cannot load them."""
-    strides = [_tma_strides(t) for t in (a, b)]
-    if not (_tma_capable(a) and all(strides)):
-        return None, None
+    """``(mode, desc_a, desc_b)``: descriptors of two ``[B, H, S, D]`` tensors laid out alike,
+    blocks of ``block`` rows (the pre-hook sets it on GPU), ``mode`` as
+    :func:`_tma_view`'s (the kernels' ``USE_TMA``); ``(0, None, None)`` where TMA cannot load
+    them."""
+    views = [_tma_view(t) for t in (a, b)]
+    if not (_tma_capable(a) and all(views) and views[0][0] == views[1][0]):
+        return 0, None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    shape = [1, 1, _INTERPRETER_META[block], block_d]
-    return tuple(TensorDescriptor(t, list(t.shape), st, shape) for t, st in zip((a, b), strides))
+    mode = views[0][0]
+    rows = _INTERPRETER_META[block]
+    shape = [1, rows, 1, block_d] if mode == 2 else [1, 1, rows, block_d]
+    return (mode, *(TensorDescriptor(v, list(v.shape), st, shape) for _, v, st in views))
 
 
 def _tma_eligible(q: torch.Tensor, wrap: bool, varlen: bool, key_padding_mask) -> bool:
@@ -341,11 +356,10 @@ def alibi_attention_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     if out.numel() > 0 and seqlen_q > 0:
         meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
-        descs = (None, None)
+        meta["USE_TMA"], *descs = 0, None, None
         if _tma_eligible(q, wrap, varlen, key_padding_mask):
-            descs = _tma_descriptors(k, v, meta["BLOCK_D"])
-        meta["USE_TMA"] = descs[0] is not None
-        fwd = _kernels(_backend.interpreting(), meta["USE_TMA"])[0]
+            meta["USE_TMA"], *descs = _tma_descriptors(k, v, meta["BLOCK_D"])
+        fwd = _kernels(_backend.interpreting(), meta["USE_TMA"] > 0)[0]
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
         with _backend.device_guard(q):
@@ -374,14 +388,14 @@ def alibi_attention_backward(grad_out, q, k, v, slopes, key_padding_mask, cu_seq
     dk = _empty_bhsd(k.shape, layout, k, varlen)
     dv = _empty_bhsd(v.shape, layout, v, varlen)
     meta = _common_meta(q, is_causal, key_padding_mask is not None, varlen, dropout_p)
-    kv_descs = qdo_descs = (None, None)
+    (dq_tma, *kv_descs), (dkdv_tma, *qdo_descs) = (0, None, None), (0, None, None)
     if _tma_eligible(q, wrap, varlen, key_padding_mask):
-        kv_descs = _tma_descriptors(k, v, meta["BLOCK_D"])  # dq's tiles
-        qdo_descs = _tma_descriptors(q, grad_out, meta["BLOCK_D"], "BLOCK_M")  # dkdv's
-    dq_tma, dkdv_tma = kv_descs[0] is not None, qdo_descs[0] is not None
+        dq_tma, *kv_descs = _tma_descriptors(k, v, meta["BLOCK_D"])  # dq's tiles
+        dkdv_tma, *qdo_descs = _tma_descriptors(q, grad_out, meta["BLOCK_D"], "BLOCK_M")
     interpreting = _backend.interpreting()
     preprocess = _kernels(interpreting)[1]
-    dq_kernel, dkdv = _kernels(interpreting, dq_tma)[3], _kernels(interpreting, dkdv_tma)[2]
+    dq_kernel = _kernels(interpreting, dq_tma > 0)[3]
+    dkdv = _kernels(interpreting, dkdv_tma > 0)[2]
     mask, stride_mb, stride_mn = _key_mask_args(key_padding_mask, slopes)
     cu_q, cu_k = _cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes)
     seed = slopes if seed is None else seed
