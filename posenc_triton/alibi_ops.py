@@ -160,7 +160,9 @@ def _tma_view(t: torch.Tensor):
     tensor map describes a row-major layout, padding allowed): ``mode`` 1 keeps ``[B, H, S,
     D]``, 2 addresses ``[B, S, H, D]`` (``bshd`` input); a dimension of size 1 takes the packed
     stride. None where TMA cannot address ``t`` (16-byte aligned base and strides, unit last
-    stride)."""
+    stride; no empty dimension)."""
+    if t.numel() == 0:
+        return None
     mode = 2 if t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2) else 1
     view = t.transpose(1, 2) if mode == 2 else t
     strides = list(view.stride())

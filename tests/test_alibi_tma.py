@@ -137,3 +137,12 @@ def test_descriptors_in_memory_order(monkeypatch, layout, mode):
     monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: True)
     assert alibi_ops._tma_descriptors(k, v, 64)[0] == mode
     assert alibi_ops._tma_descriptors(k, other, 64) == (0, None, None)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(4, 0), (0, 4)])
+def test_tma_empty_sequences(tma, seqlen_q, seqlen_k):
+    """No key (every row empty: output 0) or no query: no descriptor of an empty tensor."""
+    q, k, v = _make_qkv(1, 2, 2, seqlen_q, seqlen_k, 64, torch.bfloat16)
+    out, grads, _ = fwd_bwd(lambda *t: alibi_attention(*t, is_causal=False), [q, k, v])
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
