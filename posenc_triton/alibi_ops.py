@@ -97,13 +97,14 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
 # with pointers; on sm_80 the key mask's loads spill 40 B at (128, 64, 8, 3). dq: the Philox
 # rounds spill 76 B at (64, 64, 4, 3) (255 registers; the (128, 64, 8, 3) tile, the same per
-# thread, fits in 250), 428 B at (128, 64, 8, 3) with the slope gradient's row sums as well;
+# thread, fits in 250; with TMA it fits), and with the slope gradient's row sums as well 428 B
+# at (128, 64, 8, 3) and 248-508 B at (64, 64, 4, 3) (with TMA);
 # packed input's sequence bounds spill 24-92 B at (64, 64, 4, 3).
 # dkdv: the loop over the query heads of a KV head (GQA, group > 1) spills 88-300 B at
 # (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout spills 332 B at
 # (32, 128, 8, 3), symmetric dropout 40 B at (32, 64, 4, 3) and, with GQA, 84 B at
 # (16, 128, 8, 3); with TMA, MHA spills 24 B at (32, 32, 8, 2) and GQA fits (32, 128, 8, 3)
-# (240-252 registers). The backward's figures were
+# (240-252 registers), dq dropout (64, 64, 4, 3) (230-236). The backward's figures were
 # taken with pointer loads: TMA frees registers, so some of those tiles may fit with it (not
 # re-tuned yet). sm_80 (A100: mma.sync, pointer loads) spills 12-3312 B at dq's 128-row tiles
 # (and 44-144 B at (64, 64, 4, 3) with the slope gradient or a key mask), 12-528 B at dkdv's
@@ -112,7 +113,8 @@ _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+dropout": [(64, 64, 4, 3)], "sm80+key_mask": [(128, 64, 8, 3)]},
-    "dq": {"dropout": [(64, 64, 4, 3)], "dropout+slope_grad": [(128, 64, 8, 3)],
+    "dq": {"pointers+dropout": [(64, 64, 4, 3)],
+           "dropout+slope_grad": [(128, 64, 8, 3), (64, 64, 4, 3)],
            "varlen": [(64, 64, 4, 3)], "sm80": [(128, 64, 8, 3), (128, 32, 8, 3)],
            "sm80+slope_grad": [(64, 64, 4, 3)], "sm80+key_mask": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 64, 4, 3)], "pointers+gqa": [(32, 128, 8, 3)],
