@@ -308,6 +308,11 @@ def analyse(compiled, arch: int, report: Report, block_m: int, block_n: int,
 # ------------------------------------------------------------------------------------------
 
 
+def _named(launch: Launch) -> dict:
+    """The launch's non-constexpr arguments by name, as a pre-hook or a prune sees them."""
+    return dict(zip([p.name for p in launch.fn.params if not p.is_constexpr], launch.args))
+
+
 def _pruned(launch: Launch, arch: int = 90) -> list:
     """``[(meta, (BLOCK_M, BLOCK_N, num_warps, num_stages), config)]``: what the autotuner may
     run on ``arch``."""
@@ -315,7 +320,7 @@ def _pruned(launch: Launch, arch: int = 90) -> list:
 
     if not launch.configs:  # a fixed launch (the preprocess)
         return [(launch.meta, (launch.meta["BLOCK_M"], 0, 4, 3), None)]
-    named = dict(zip([p.name for p in launch.fn.params if not p.is_constexpr], launch.args))
+    named = _named(launch)
     configs = launch.configs
     if not launch.name.startswith("tutorial"):
         real, alibi_ops._arch = alibi_ops._arch, lambda t: arch
@@ -345,8 +350,7 @@ def audit_case(case: Case, arch: int = 90) -> list:
     for launch in launches:
         for meta, tile, config in _pruned(launch, arch):
             if config is not None and config.pre_hook is not None:
-                names = [p.name for p in launch.fn.params if not p.is_constexpr]
-                config.pre_hook({**dict(zip(names, launch.args)), **meta})
+                config.pre_hook({**_named(launch), **meta})
             report = Report(case, arch, tile)
             key = (launch.fn.fn.__qualname__, arch, tile, repr(specialise(launch.fn, launch.args,
                                                                           meta)))
