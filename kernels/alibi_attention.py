@@ -68,7 +68,8 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
 # ``sign * slope * (j - i')``. It is split into a column term relative to the tile's start,
 # small and loop-invariant, folded into the score FMA (``qk * qk_scale + col``), and a row term
 # ``sign * slope * (tile start - i')`` that only moves the row's max or log-sum-exp: one fp32
-# instruction per score over bias-free attention, and the operands that decide the weights
+# instruction per score over bias-free attention (and one per row and tile, the row term
+# entering and leaving the max's frame), and the operands that decide the weights
 # stay small however long the sequence. Masked tiles (the diagonal band, ragged ends) compute
 # the distance per score. Pointers advance per tile: a 64-bit offset formed inside the loop
 # sits between a wgmma and its wait, and ptxas then serialises every wgmma (warning C7515).
@@ -104,6 +105,23 @@ def _stages(start, size_q, size_k, shift, seqlen, BLOCK: tl.constexpr,
             b = tl.minimum(tl.cdiv(tl.maximum(start + size_q + shift, 0), BLOCK) * BLOCK, seqlen)
             c = tl.maximum(seqlen // BLOCK * BLOCK, b)
     return a, b, c
+
+
+@triton.jit
+def _quad_sums(x, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, 4]`` partial row sums of ``x [BLOCK_M, BLOCK_N]``: a tensor-core tile's row
+    is held by a quad of lanes, lane ``t`` holding the columns ``8k + 2t + {0, 1}``, so these
+    sums stay in each lane; the lanes are summed once, after the loop (as flash-attn does)."""
+    tl.static_assert(BLOCK_N % 8 == 0)
+    return tl.sum(tl.sum(x.reshape(x.shape[0], BLOCK_N // 8, 4, 2), 3), 1)
+
+
+@triton.jit
+def _quad_max(x, BLOCK_N: tl.constexpr):
+    """Row max of ``x [BLOCK_M, BLOCK_N]`` through :func:`_quad_sums`'s view: the row terms then
+    share the partial sums' layout (from ``tl.max(x, 1)``, Triton moves the sums between
+    lanes every tile to meet them)."""
+    return tl.max(tl.max(tl.max(x.reshape(x.shape[0], BLOCK_N // 8, 4, 2), 3), 1), 1)
 
 
 @triton.jit
@@ -193,14 +211,14 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h
             s = tl.where(kv_mask[None, :], s, float("-inf"))
         # -- update m_i, l_i and the output accumulator; a row that has seen no key yet
         # keeps m = -inf, and is then shifted by 0
-        m_new = tl.maximum(m_i, tl.max(s, 1) - row)
+        m_new = tl.maximum(m_i, _quad_max(s, BLOCK_N) - row)
         if MASK or HAS_KEY_MASK:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_safe = m_new
         p = tl.math.exp2(s - (m_safe + row)[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha[:, None] + _quad_sums(p, BLOCK_N)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, rows[:, None], (start_n + offs_n)[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
@@ -260,8 +278,8 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DE
 
     pos_q = offs_m + (seqlen_k - seqlen_q)  # i', the row's key position
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = _quad_sums(acc, BLOCK_D)  # the row sums, by lane, laid out as the loop's
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
                       IS_CAUSAL, False)
     # the stages follow one another, each advancing the pointers past its tiles
@@ -304,6 +322,7 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DE
                 True, 1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
     # a row with no visible key (causal, or all padded) has l = 0: output 0 and LSE +inf
     # (its gradients are then 0)
+    l_i = tl.sum(l_i, 1)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

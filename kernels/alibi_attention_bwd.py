@@ -4,7 +4,7 @@ Conventions (bias, stages, masks, packing, dropout, int64 offsets) are those of
 :mod:`kernels.alibi_attention`, whose forward writes the ``LSE`` these kernels read. The
 preprocess also writes the ``dkdv`` kernel's per-query score terms (``LSE_BIAS``: the LSE in
 log2 units plus the bias within a short period), so that its loop adds no per-query work: a
-score costs four fp32 instructions, plus one per key row and tile. The slope
+score costs four fp32 instructions, the bias one of them. The slope
 gradient (``HAS_SLOPE_GRAD``) comes from the ``dq`` kernel: ``dm_h = -sum dS * dist`` over each
 program's rows, one fp32 partial per program in ``DSLOPE [B, Hq, slots]``, summed by the
 launcher (deterministic: no atomics).
@@ -103,17 +103,20 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, Q_DESC, DO_DESC, tma_
             c = tl.load(LSEB + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
         qkT = _dot(k, qT, INPUT_PRECISION, INTERPRETER)
-        # -- s - lse = qk * qk_scale + r - c: the key's row term r = slope * (k - q'_0), q'_0
-        # the aligned start of the tile's period, and the query's column term c (preprocess)
+        # -- s - lse = qk * qk_scale - c + slope * (k - q'_0): the query's column term c
+        # (preprocess) and the key's distance to q'_0, the aligned start of the tile's period,
+        # whose product with the slope the second FMA forms exactly (no per-key instruction)
         k_rel = pos_k - (start_m + shift)
-        r = slope * (pos_k - (start_m - start_m % BIAS_PERIOD + shift)).to(tl.float32)
+        dist = (pos_k - (start_m - start_m % BIAS_PERIOD + shift)).to(tl.float32)
         if MASK and not IS_CAUSAL:  # the band: the side of each score from positions
+            r = slope * dist
             before = k_rel[:, None] <= offs_m[None, :]
             sT = qkT * qk_scale + tl.where(before, r[:, None] - c_after[None, :],
                                            -r[:, None] - c_before[None, :])
             pT = tl.math.exp2(sT)
         else:
-            pT = tl.math.exp2(tl.fma(qkT, qk_scale, (SIGN * r)[:, None]) - c[None, :])
+            pT = tl.math.exp2(tl.fma(dist[:, None], SIGN * slope,
+                                     tl.fma(qkT, qk_scale, -c[None, :])))
         if MASK and IS_CAUSAL:
             pT = tl.where(k_rel[:, None] <= offs_m[None, :], pT, 0.0)
         if HAS_KEY_MASK:
@@ -288,6 +291,11 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
     :func:`_alibi_attn_bwd_dq`)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
+    # With registers to spare (TMA loads hold no pointers; no dropout mask), the scores'
+    # per-tile-invariant terms are held across the loop, z = SIGN * slope * j - lse: then the
+    # bias costs no instruction per row, the tile's distance riding the second FMA's product.
+    HOLD_Z: tl.constexpr = USE_TMA and not HAS_DROPOUT
+    z = tl.fma(colf[None, :], SIGN * slope, -lse2[:, None]) if HOLD_Z else 0.0
     for start_n in range(lo, hi, BLOCK_N):
         if MASK:
             kv_mask = offs_n < seqlen_k - start_n
@@ -309,10 +317,12 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
             x = tl.fma(colf[None, :], slope, -(slope * i_relf)[:, None])  # slope * (j - i')
             s = qk * qk_scale + tl.where(offs_n[None, :] <= i_rel[:, None], x, -x)
             p = tl.math.exp2(s - lse2[:, None])
-        else:  # qk * qk_scale - row, then + SIGN * slope * j: two FMAs, the product exact
+        elif HOLD_Z:  # qk * qk_scale + z, then - SIGN * slope * i_rel, the product exact
+            p = tl.math.exp2(tl.fma(i_relf[:, None], -SIGN * slope, tl.fma(qk, qk_scale, z)))
+        else:  # qk * qk_scale - row, then + SIGN * slope * j: one instruction per row
             row = tl.fma(i_relf, SIGN * slope, lse2)
-            s = tl.fma(qk, qk_scale, -row[:, None])
-            p = tl.math.exp2(tl.fma(colf[None, :], SIGN * slope, s))
+            p = tl.math.exp2(tl.fma(colf[None, :], SIGN * slope,
+                                    tl.fma(qk, qk_scale, -row[:, None])))
         # keys past Sk and padded keys too: their p could overflow, and inf * (k = 0) is NaN
         if MASK and IS_CAUSAL:
             p = tl.where(kv_mask[None, :] & (offs_n[None, :] <= i_rel[:, None]), p, 0.0)

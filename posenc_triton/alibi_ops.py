@@ -56,6 +56,9 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
             if all(on[part] for part in variant.split("+")) for tile in tiles}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
     if get("BLOCK_D") <= 128:
+        if kernel == "fwd":  # wgmma takes 16 rows a warp: with fewer, both warpgroups compute
+            # every score (8 warps on 64 rows), a tile kept for D = 256's registers only
+            kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 16 * c.num_warps] or kept
         return kept
 
     def small(cs):
@@ -94,11 +97,12 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # the big tiles fit 255 registers only with TMA loads (pointer loads hold 16 addresses per
 # thread more; the bias column term needs 32 registers on top of the tutorial's 228); the
 # symmetric forward's four loop stages spill 44-68 B at (128, 64, 8, 3) with pointers; the
-# dropout mask's Philox rounds spill 144-184 B at the big tiles and 60 B at (64, 64, 4, 3)
-# with pointers; on sm_80 the key mask's loads spill 40 B at (128, 64, 8, 3). dq: the Philox
-# rounds spill 76 B at (64, 64, 4, 3) (255 registers; the (128, 64, 8, 3) tile, the same per
-# thread, fits in 250; with TMA it fits), and with the slope gradient's row sums as well 428 B
-# at (128, 64, 8, 3) and 248-508 B at (64, 64, 4, 3) (with TMA);
+# dropout mask's Philox rounds spill 144-184 B at the big tiles and 32-60 B at (64, 64, 4, 3);
+# on sm_80 the key mask's loads spill 40 B at (128, 64, 8, 3). dq (with TMA it holds 16-32
+# registers of score terms across its loop, which dropout leaves no room for): the Philox
+# rounds spill 76 B at (64, 64, 4, 3) with pointers (255 registers; the (128, 64, 8, 3) tile,
+# the same per thread, fits in 250; with TMA it fits), and with the slope gradient's row sums
+# as well 428 B at (128, 64, 8, 3) and 248-508 B at (64, 64, 4, 3) (with TMA);
 # packed input's sequence bounds spill 24-92 B at (64, 64, 4, 3).
 # dkdv: the loop over the query heads of a KV head (GQA, group > 1) spills 88-300 B at
 # (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout spills 332 B at
@@ -111,8 +115,9 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # 128-key tiles and 436 B at (32, 64, 4, 3) with dropout.
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
-            "pointers+symmetric": [(128, 64, 8, 3)], "dropout": [(128, 128, 8, 3), (64, 128, 4, 3)],
-            "pointers+dropout": [(64, 64, 4, 3)], "sm80+key_mask": [(128, 64, 8, 3)]},
+            "pointers+symmetric": [(128, 64, 8, 3)],
+            "dropout": [(128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
+            "sm80+key_mask": [(128, 64, 8, 3)]},
     "dq": {"pointers+dropout": [(64, 64, 4, 3)],
            "dropout+slope_grad": [(128, 64, 8, 3), (64, 64, 4, 3)],
            "varlen": [(64, 64, 4, 3)], "sm80": [(128, 64, 8, 3), (128, 32, 8, 3)],

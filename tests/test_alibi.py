@@ -26,7 +26,7 @@ from conftest import (
     requires_cuda,
     set_interpreter_tile,
 )
-from posenc_triton import _backend, alibi_ops
+from posenc_triton import _backend, alibi_decode, alibi_ops
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import alibi_attention_reference
 
@@ -539,6 +539,22 @@ def test_tile_shapes(monkeypatch, seqlen_q, seqlen_k, block_m, block_n):
     inputs = _make_qkv(2, 2, 1, seqlen_q, seqlen_k, 16, torch.float32)
     _check(inputs)
     _check(inputs, key_padding_mask=padding_mask("random", 2, seqlen_k))
+
+
+# steep (only the nearest keys count) to flat (every key counts, the bias still visible)
+LONG_SPAN_SLOPES = [0.5, 2.0 ** -7, 1e-5, 0.0]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_long_key_span(monkeypatch, is_causal, split):
+    """A few queries over thousands of keys, hundreds of tiles: the bias's per-tile frames
+    (row terms, the running max, the period of the backward's query terms) must not drift.
+    fp32 against float64 at the fp32 tolerance; the forward dense or split-KV."""
+    monkeypatch.setattr(alibi_decode, "use_split", lambda *args: split)
+    torch.manual_seed(41)
+    inputs = _make_qkv(1, 4, 2, 7, 2000, 16, torch.float32)
+    _check(inputs, torch.tensor(LONG_SPAN_SLOPES, device=DEVICE), is_causal=is_causal)
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])

@@ -13,10 +13,10 @@ packed input take the pointer path.
 
 import pytest
 import torch
-from test_alibi import _check, _make_qkv
+from test_alibi import LONG_SPAN_SLOPES, _check, _make_qkv
 
 from conftest import DEVICE, fwd_bwd
-from posenc_triton import alibi_ops
+from posenc_triton import alibi_decode, alibi_ops
 from posenc_triton.alibi import alibi_attention
 
 
@@ -146,3 +146,19 @@ def test_tma_empty_sequences(tma, seqlen_q, seqlen_k):
     out, grads, _ = fwd_bwd(lambda *t: alibi_attention(*t, is_causal=False), [q, k, v])
     assert torch.equal(out, torch.zeros_like(out))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_tma_long_key_span(tma, monkeypatch, is_causal):
+    """The descriptor path's own score arithmetic (dq holds the per-tile-invariant terms)
+    over hundreds of key tiles, in fp32 at its tolerance: the interpreter runs fp32 through
+    descriptors, which a GPU launch never does."""
+    if DEVICE == "cuda":
+        pytest.skip("fp32 takes pointer loads on a GPU")
+    monkeypatch.setattr(alibi_decode, "use_split", lambda *args: False)  # the dense forward
+    monkeypatch.setattr(alibi_ops, "_tma_eligible",
+                        lambda q, wrap, varlen, mask: not (wrap or varlen or mask is not None))
+    torch.manual_seed(43)
+    inputs = _make_qkv(1, 4, 2, 7, 2000, 16, torch.float32)
+    _check(inputs, torch.tensor(LONG_SPAN_SLOPES, device=DEVICE), is_causal=is_causal)
+    assert tma == [True] * 3
