@@ -56,10 +56,11 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
             if all(on[part] for part in variant.split("+")) for tile in tiles}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
     if get("BLOCK_D") <= 128:
-        if kernel == "fwd":  # wgmma takes 16 rows a warp: with fewer, both warpgroups compute
-            # every score (8 warps on 64 rows), a tile kept for D = 256's registers only
-            kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 16 * c.num_warps] or kept
-        return kept
+        # A warp's tensor-core ops take 16 rows of the score tile (keys in dkdv): with fewer
+        # rows than 16 a warp, warps compute the same scores twice. Such tiles (8 warps on 64
+        # or 32 rows) serve D = 256's registers only.
+        rows = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+        return [c for c in kept if c.kwargs[rows] >= 16 * c.num_warps] or kept
 
     def small(cs):
         return [c for c in cs
