@@ -4,6 +4,7 @@ Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter;
 variable must be set before any kernel module is imported (``triton.jit`` reads it then).
 """
 
+import functools
 import os
 
 import pytest
@@ -18,7 +19,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Element-wise tolerances (rtol, atol) by dtype, for kernels compared with a float64 reference,
 # and the fp32 attention backward's atol (it sums more products than the forward): one table,
 # shared with the GPU's correctness check (posenc-bench --device-check).
-from posenc_triton.bench.device_correctness import FP32_BWD_ATOL, TOLERANCES  # noqa: E402, F401
+from posenc_triton.bench.device_correctness import FP32_BWD_ATOL, TOLERANCES  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -102,6 +103,23 @@ def check_error_rule(name, actual, ref64, ref_same, dtype, atol=None):
     base = (ref_same.double() - ref64).abs().max().item()
     assert err <= 2 * base + TOLERANCES[dtype][1], (
         f"{name}: max error {err:.3g} > 2 x same-dtype reference error {base:.3g} + atol")
+
+
+def check_against_reference(reference, inputs, out, grads, grad_out):
+    """``out`` and the ``dq, dk, dv`` of ``grads`` (of ``<out, grad_out>`` w.r.t. ``inputs``)
+    against ``reference(*inputs, upcast=...)`` run in float64 and, for fp16/bf16, in the inputs'
+    dtype (``upcast=False``), by :func:`check_error_rule`. Returns the float64 and same-dtype
+    references' gradients, for the checks a caller adds."""
+    dtype = inputs[0].dtype
+    ref64, grads64, _ = fwd_bwd(reference, [t.double() for t in inputs], grad_out.double())
+    ref_same, grads_same = ref64, grads64
+    if dtype != torch.float32:
+        ref_same, grads_same, _ = fwd_bwd(functools.partial(reference, upcast=False), inputs,
+                                          grad_out)
+    check_error_rule("out", out, ref64, ref_same, dtype)
+    for name, g, g64, gs in zip(("dq", "dk", "dv"), grads, grads64, grads_same):
+        check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
+    return grads64, grads_same
 
 
 def padding_mask(kind, batch, seqlen_k, device=DEVICE):

@@ -7,16 +7,15 @@ backward is the dense one, run from the split path's log-sum-exp. Error rule for
 (flash-attn's): ``max|kernel - ref64| <= 2 * max|ref_same_dtype - ref64| + atol``.
 """
 
-import functools
 
 import pytest
 import torch
 
 from conftest import (
     DEVICE,
-    FP32_BWD_ATOL,
     HAS_CUDA,
     assert_close,
+    check_against_reference,
     check_error_rule,
     count_calls_of,
     fwd_bwd,
@@ -64,20 +63,13 @@ def _check(inputs, slopes=None, *, fast=alibi_attention, reference=alibi_attenti
            **kwargs):
     """``fast`` vs the float64 ``reference`` (and the same-dtype one for fp16/bf16), forward
     and backward (``fast`` and ``reference`` take ``(q, k, v, slopes, **kwargs)``)."""
-    dtype = inputs[0].dtype
     originals = [t.clone() for t in inputs]
     out, grads, grad_out = fwd_bwd(lambda *t: fast(*t, slopes, **kwargs), inputs)
     for t, orig in zip(inputs, originals):
         assert torch.equal(t, orig), "an input was modified"
-    ref = lambda *t, upcast=True: reference(*t, slopes, upcast=upcast, **kwargs)
-    ref64, grads64, _ = fwd_bwd(ref, [t.double() for t in inputs], grad_out.double())
-    ref_same, grads_same = ref64, grads64
-    if dtype != torch.float32:
-        ref_same, grads_same, _ = fwd_bwd(functools.partial(ref, upcast=False), inputs,
-                                          grad_out)
-    check_error_rule("out", out, ref64, ref_same, dtype)
-    for name, g, g64, gs in zip(("dq", "dk", "dv"), grads, grads64, grads_same):
-        check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
+    check_against_reference(
+        lambda *t, upcast=True: reference(*t, slopes, upcast=upcast, **kwargs),
+        inputs, out, grads, grad_out)
     return out, grads
 
 

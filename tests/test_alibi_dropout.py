@@ -16,8 +16,7 @@ from test_alibi_slopes_grad import check_dslopes
 
 from conftest import (
     DEVICE,
-    FP32_BWD_ATOL,
-    check_error_rule,
+    check_against_reference,
     fwd_bwd,
     padding_mask,
     requires_cuda,
@@ -50,15 +49,8 @@ def _check(fast, ref, inputs, mask, with_slopes=False):
         return fast(*t)
 
     out, grads, grad_out = fwd_bwd(seeded, inputs)
-    ref = functools.partial(ref, dropout_mask=mask)
-    ref64, grads64, _ = fwd_bwd(ref, [t.double() for t in inputs], grad_out.double())
-    ref_same, grads_same = ref64, grads64
-    if dtype != torch.float32:
-        ref_same, grads_same, _ = fwd_bwd(functools.partial(ref, upcast=False), inputs,
-                                          grad_out)
-    check_error_rule("out", out, ref64, ref_same, dtype)
-    for name, g, g64, gs in zip(("dq", "dk", "dv"), grads, grads64, grads_same):
-        check_error_rule(name, g, g64, gs, dtype, atol=FP32_BWD_ATOL)
+    grads64, grads_same = check_against_reference(functools.partial(ref, dropout_mask=mask),
+                                                  inputs, out, grads, grad_out)
     if with_slopes:
         check_dslopes(grads[3], grads64[3], grads_same[3], dtype)
     return out
