@@ -106,14 +106,13 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # as well 428 B at (128, 64, 8, 3) and 248-508 B at (64, 64, 4, 3) (with TMA);
 # packed input's sequence bounds spill 24-92 B at (64, 64, 4, 3).
 # dkdv: the loop over the query heads of a KV head (GQA, group > 1) spills 88-300 B at
-# (32, 128, 8, 3) and 556-872 B of scalars at (32, 64, 4, 3); dropout spills 332 B at
-# (32, 128, 8, 3), symmetric dropout 40 B at (32, 64, 4, 3) and, with GQA, 84 B at
-# (16, 128, 8, 3); with TMA, MHA spills 24 B at (32, 32, 8, 2) and GQA fits (32, 128, 8, 3)
-# (240-252 registers), dq dropout (64, 64, 4, 3) (230-236). The backward's figures were
-# taken with pointer loads: TMA frees registers, so some of those tiles may fit with it (not
-# re-tuned yet). sm_80 (A100: mma.sync, pointer loads) spills 12-3312 B at dq's 128-row tiles
-# (and 44-144 B at (64, 64, 4, 3) with the slope gradient or a key mask), 12-528 B at dkdv's
-# 128-key tiles and 436 B at (32, 64, 4, 3) with dropout.
+# (32, 128, 8, 3) with pointers (with TMA it fits, 240-252 registers) and 172-872 B of
+# scalars at (32, 64, 4, 3); dropout spills 72-332 B at (32, 128, 8, 3), symmetric dropout
+# 40 B at (32, 64, 4, 3) with pointers (with TMA it fits) and, with GQA, 72-84 B at
+# (16, 128, 8, 3); with TMA, MHA spills 24 B at (32, 32, 8, 2). dq dropout fits
+# (64, 64, 4, 3) with TMA (230-236 registers). sm_80 (A100: mma.sync, pointer loads) spills
+# 12-3312 B at dq's 128-row tiles (and 44-144 B at (64, 64, 4, 3) with the slope gradient
+# or a key mask), 12-528 B at dkdv's 128-key tiles and 436 B at (32, 64, 4, 3) with dropout.
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)],
@@ -125,7 +124,8 @@ _SPILLS = {
            "sm80+slope_grad": [(64, 64, 4, 3)], "sm80+key_mask": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 64, 4, 3)], "pointers+gqa": [(32, 128, 8, 3)],
              "dropout": [(32, 128, 8, 3)],
-             "symmetric+dropout": [(32, 64, 4, 3)], "symmetric+dropout+gqa": [(16, 128, 8, 3)],
+             "pointers+symmetric+dropout": [(32, 64, 4, 3)],
+             "symmetric+dropout+gqa": [(16, 128, 8, 3)],
              "tma+mha": [(32, 32, 8, 2)], "sm80": [(32, 128, 8, 3), (16, 128, 8, 3)],
              "sm80+dropout": [(32, 64, 4, 3)]},
 }
