@@ -108,20 +108,27 @@ def _stages(start, size_q, size_k, shift, seqlen, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _quad_sums(x, BLOCK_N: tl.constexpr):
-    """``[BLOCK_M, 4]`` partial row sums of ``x [BLOCK_M, BLOCK_N]``: a tensor-core tile's row
-    is held by a quad of lanes, lane ``t`` holding the columns ``8k + 2t + {0, 1}``, so these
-    sums stay in each lane; the lanes are summed once, after the loop (as flash-attn does)."""
+def _by_lane(x, BLOCK_N: tl.constexpr):
+    """``x [BLOCK_M, BLOCK_N]`` as ``[BLOCK_M, BLOCK_N / 8, 4, 2]``: a tensor-core tile's row is
+    held by a quad of lanes, lane ``t`` (axis 2) holding the columns ``8k + 2t + {0, 1}``."""
     tl.static_assert(BLOCK_N % 8 == 0)
-    return tl.sum(tl.sum(x.reshape(x.shape[0], BLOCK_N // 8, 4, 2), 3), 1)
+    return x.reshape(x.shape[0], BLOCK_N // 8, 4, 2)
+
+
+@triton.jit
+def _quad_sums(x, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, 4]`` partial row sums of ``x [BLOCK_M, BLOCK_N]``, one per lane of the quad
+    (:func:`_by_lane`), so no lane exchange; the lanes are summed once, after the loop (as
+    flash-attn does)."""
+    return tl.sum(tl.sum(_by_lane(x, BLOCK_N), 3), 1)
 
 
 @triton.jit
 def _quad_max(x, BLOCK_N: tl.constexpr):
-    """Row max of ``x [BLOCK_M, BLOCK_N]`` through :func:`_quad_sums`'s view: the row terms then
+    """Row max of ``x [BLOCK_M, BLOCK_N]`` through :func:`_by_lane`'s view: the row terms then
     share the partial sums' layout (from ``tl.max(x, 1)``, Triton moves the sums between
     lanes every tile to meet them)."""
-    return tl.max(tl.max(tl.max(x.reshape(x.shape[0], BLOCK_N // 8, 4, 2), 3), 1), 1)
+    return tl.max(tl.max(tl.max(_by_lane(x, BLOCK_N), 3), 1), 1)
 
 
 @triton.jit
@@ -278,8 +285,8 @@ def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DE
 
     pos_q = offs_m + (seqlen_k - seqlen_q)  # i', the row's key position
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M, 4], tl.float32)  # the row sums, by lane (_quad_sums)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    l_i = _quad_sums(acc, BLOCK_D)  # the row sums, by lane, laid out as the loop's
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
                       IS_CAUSAL, False)
     # the stages follow one another, each advancing the pointers past its tiles

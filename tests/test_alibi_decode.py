@@ -7,7 +7,6 @@ backward is the dense one, run from the split path's log-sum-exp. Error rule for
 (flash-attn's): ``max|kernel - ref64| <= 2 * max|ref_same_dtype - ref64| + atol``.
 """
 
-
 import pytest
 import torch
 
