@@ -29,3 +29,39 @@ def test_top_level_kernels_is_not_ours(tmp_path):
         "print('none' if s is None else s.origin)"))
     assert result.returncode == 0, result.stderr
     assert ours not in result.stdout
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_repository_kernels_folder_never_shadows_hugging_face(tmp_path):
+    # From the repository root (where `python -m pytest` puts it on sys.path) and from tests/,
+    # `import kernels` is Hugging Face's package, and transformers' hub kernels import beside ours.
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        import pytest
+
+        pytest.skip("needs transformers")
+    code = (
+        "import sys, os; sys.path.insert(0, os.getcwd());"
+        "import posenc_triton, kernels;"
+        "from transformers.integrations.hub_kernels import kernelize;"
+        "import posenc_triton.kernels.rope;"
+        "print(kernels.__file__)")
+    for cwd in (ROOT, os.path.join(ROOT, "tests")):
+        result = run_elsewhere(cwd, code)
+        assert result.returncode == 0, result.stderr
+        assert not result.stdout.strip().startswith(os.path.join(ROOT, "kernels")), result.stdout
+
+
+def test_repository_kernels_folder_is_not_a_package_of_its_own():
+    # Without Hugging Face's package on the path, `import kernels` from the root fails as if
+    # the folder were not there, rather than handing out posenc_triton's kernels.
+    code = (
+        "import sys, os; sys.path[:] = [os.getcwd()] + [p for p in sys.path if 'packages' not in p]\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('refused', e.name)\n"
+        "else:\n    print('imported', kernels.__file__)")
+    result = run_elsewhere(ROOT, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "refused kernels", result.stdout
