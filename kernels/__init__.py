@@ -8,7 +8,8 @@ if __name__ != "posenc_triton.kernels":
     # pytest`` or a REPL there) and this folder came first. That name is Hugging Face's
     # package, which transformers imports; this folder is only ever posenc_triton.kernels.
     # Hand the name on to the next package of that name on the path (Python keeps what the
-    # import left in sys.modules), or fail as if this folder were not there.
+    # import left in sys.modules) or, with none, become an empty namespace package: what Python
+    # makes of a folder without modules, which transformers reads as "not installed".
     import importlib.machinery
     import importlib.util
     import os
@@ -18,9 +19,9 @@ if __name__ != "posenc_triton.kernels":
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
     if _spec is None:
-        raise ModuleNotFoundError(
-            f"No module named {__name__!r} (the folder {os.path.dirname(__file__)} is "
-            "posenc_triton.kernels, not a top-level package)", name=__name__)
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _module
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)

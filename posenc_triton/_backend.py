@@ -98,6 +98,19 @@ def warn_once(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
+@contextlib.contextmanager
+def quiet():
+    """Warnings of this block neither shown nor remembered (a probe's slow path is not the
+    user's: their first call still warns)."""
+    seen = set(_WARNED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            _WARNED.intersection_update(seen)
+
+
 def device_guard(t: torch.Tensor):
     """Launch on ``t``'s GPU, as flash-attn does: tensors on ``cuda:1`` work while the current
     device is ``cuda:0`` (Triton launches on the current device)."""

@@ -46,6 +46,22 @@ def set_interpreter_tile(monkeypatch, block_m: int, block_n: int) -> None:
     monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
 
 
+def count_alibi_layer_calls(monkeypatch, calls=None):
+    """A list (``calls``, or a new one) that grows by one at every kernel call of a patched
+    ALiBi layer of transformers (not the calls of ``apply()``'s probe on its own tiny model)."""
+    from posenc_triton.integrations import _alibi_models
+
+    calls, real = ([] if calls is None else calls), _alibi_models.alibi_attention
+
+    def counting(*args, **kwargs):
+        if getattr(_alibi_models._PROBE, "calls", None) is None:
+            calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_alibi_models, "alibi_attention", counting)
+    return calls
+
+
 def count_calls_of(monkeypatch, module, name):
     """A list that grows by one at every call of ``module.name`` (which still runs)."""
     calls, real = [], getattr(module, name)

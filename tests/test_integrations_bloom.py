@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from conftest import DEVICE, count_calls_of, model_step, requires_cuda
+from conftest import DEVICE, count_alibi_layer_calls, model_step, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,7 +27,7 @@ SEQLEN = 12
 @pytest.fixture
 def count_calls(monkeypatch):
     """Count the calls of alibi_attention made by the BLOOM integration."""
-    return count_calls_of(monkeypatch, _alibi_models, "alibi_attention")
+    return count_alibi_layer_calls(monkeypatch)
 
 
 def make_model(heads=4, dtype=torch.float32, device=DEVICE, seed=0, **kw):
@@ -205,7 +205,7 @@ def test_patch_is_per_instance_idempotent_and_unpatches(count_calls):
     assert hf.unpatch_bloom(model) == 2
     assert hf.unpatch_bloom(model) == 0
     assert type(attn) is modeling_bloom.BloomAttention
-    assert not hasattr(attn, _alibi_models._FLAG)
+    assert not hasattr(attn, _alibi_models.FLAG)
     model(**inputs)
     assert len(count_calls) == 2
 

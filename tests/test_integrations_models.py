@@ -9,11 +9,11 @@ KV cache, a kernel launch inside every patched layer, ``unpatch``, ``torch.compi
 import pytest
 import torch
 
-from conftest import DEVICE, count_calls_of, model_step
+from conftest import DEVICE, count_alibi_layer_calls, count_calls_of, model_step
 
 transformers = pytest.importorskip("transformers")
 
-from posenc_triton.integrations import _alibi_models, _rope_dropins, _rope_patch  # noqa: E402
+from posenc_triton.integrations import _alibi_models, _alibi_patch, _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
 
 BASE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -123,16 +123,7 @@ def restore_transformers():
 def launches(monkeypatch):
     """One entry per kernel call made by the integration (RoPE or ALiBi)."""
     calls = count_calls_of(monkeypatch, _rope_dropins, "apply_rope")
-    monkeypatch.setattr(_alibi_models, "alibi_attention", _counting(
-        _alibi_models.alibi_attention, calls))
-    return calls
-
-
-def _counting(fn, calls):
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-    return counting
+    return count_alibi_layer_calls(monkeypatch, calls)
 
 
 def launches_per_layer(model, calls, run):
@@ -270,23 +261,32 @@ def test_probe_refuses_a_function_that_computes_otherwise(monkeypatch):
         return q * cos.unsqueeze(unsqueeze_dim), k
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", not_rope)
     model = make_model("llama")
-    with pytest.raises(ValueError, match=r"cannot patch llama model .*modeling_llama\."
-                                         r"apply_rotary_pos_emb: it does not compute"):
+    with pytest.raises(ValueError, match=r"cannot patch rope/rotate_half into llama model "
+                                         r"LlamaForCausalLM \(transformers [0-9.]+\): "
+                                         r".*modeling_llama\.apply_rotary_pos_emb: it does not "
+                                         r"compute"):
         hf.apply(model)
     assert modeling_llama.apply_rotary_pos_emb is not_rope and hf.patched_layers(model) == {}
 
 
-def test_falcon_flash_attention_layers_refused():
-    # FalconFlashAttention2 overrides the forward (and refuses alibi itself): not patched.
+def test_attention_implementations_not_covered_are_refused():
+    # Falcon's drop-ins reproduce eager and SDPA: any other implementation is refused, and up
+    # to transformers 5.24 FalconFlashAttention2 (which overrides the forward) too.
     from transformers.models.falcon import modeling_falcon
 
     model = make_model("falcon-alibi")
-    layer = model.transformer.h[0]
-    config = model.config
-    layer.self_attention = modeling_falcon.FalconFlashAttention2(config, 0)
-    with pytest.raises(ValueError, match=r"overrides FalconAttention\.forward"):
+    model.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"attention implementation 'flash_attention_2' is "
+                                         r"not one the falcon drop-in reproduces"):
         hf.apply(model)
     assert hf.patched_layers(model) == {}
+    if hasattr(modeling_falcon, "FalconFlashAttention2"):
+        model = make_model("falcon-alibi")
+        layer = model.transformer.h[0]
+        layer.self_attention = modeling_falcon.FalconFlashAttention2(model.config, 0)
+        with pytest.raises(ValueError, match=r"overrides FalconAttention\.forward"):
+            hf.apply(model)
+        assert hf.patched_layers(model) == {}
 
 
 def test_patch_rope_refuses_a_patch_that_would_not_run():

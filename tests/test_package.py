@@ -37,12 +37,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_repository_kernels_folder_never_shadows_hugging_face(tmp_path):
     # From the repository root (where `python -m pytest` puts it on sys.path) and from tests/,
     # `import kernels` is Hugging Face's package, and transformers' hub kernels import beside ours.
-    import importlib.util
+    import importlib.metadata
 
-    if importlib.util.find_spec("transformers") is None:
-        import pytest
+    import pytest
 
-        pytest.skip("needs transformers")
+    try:
+        importlib.metadata.version("kernels")
+        importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs transformers and Hugging Face's kernels")
     code = (
         "import sys, os; sys.path.insert(0, os.getcwd());"
         "import posenc_triton, kernels;"
@@ -56,12 +59,14 @@ def test_repository_kernels_folder_never_shadows_hugging_face(tmp_path):
 
 
 def test_repository_kernels_folder_is_not_a_package_of_its_own():
-    # Without Hugging Face's package on the path, `import kernels` from the root fails as if
-    # the folder were not there, rather than handing out posenc_triton's kernels.
+    # Without Hugging Face's package on the path, `import kernels` from the root gives an empty
+    # namespace package (no file, no submodules: transformers reads it as "not installed"),
+    # never posenc_triton's kernels.
     code = (
         "import sys, os; sys.path[:] = [os.getcwd()] + [p for p in sys.path if 'packages' not in p]\n"
-        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('refused', e.name)\n"
-        "else:\n    print('imported', kernels.__file__)")
+        "import importlib.util, kernels\n"
+        "print(getattr(kernels, '__file__', None), list(kernels.__path__),"
+        " importlib.util.find_spec('kernels.rope'))")
     result = run_elsewhere(ROOT, code)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "refused kernels", result.stdout
+    assert result.stdout.split() == ["None", "[]", "None"], result.stdout

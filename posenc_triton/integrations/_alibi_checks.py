@@ -101,11 +101,12 @@ def verdict(visible, seqlen_q, seqlen_k, checks, *, contiguous: bool):
     return True, (None if flags[-1] else kpm)
 
 
-def key_position_check(alibi, kpm, slopes, batch, num_heads, seqlen_k):
-    """``alibi == m_h * (cumsum(K) - 1) * K`` (in the slopes' precision) on the kept keys."""
+def key_position_check(alibi, kpm, slopes, batch, num_heads, seqlen_k, divisor=1.0):
+    """``alibi == m_h * (cumsum(K) - 1) * K / divisor`` on the kept keys, each product rounded
+    to the slopes' precision and then to ``alibi``'s dtype, as the models build it."""
     kept = kpm.to(torch.int64)
     pos = (kept.cumsum(-1) - 1) * kept
-    ref = (slopes[None, :, None] * pos[:, None, :]).to(alibi.dtype).float()
+    ref = ((slopes[None, :, None] * pos[:, None, :]).to(alibi.dtype) / divisor).float()
     got = alibi.reshape(batch, num_heads, seqlen_k).float()
     tol = 2 * torch.finfo(alibi.dtype).eps
     return (((got - ref).abs() <= tol * ref.abs() + 1e-30) | ~kpm[:, None, :]).all()

@@ -19,11 +19,20 @@ gives the same probabilities:
   the bias it passes), ``softmax_scale`` and ``clip_qkv`` from the layer.
 * **Falcon** with ``alibi=True`` (``FalconAttention``): BLOOM's key positions and slopes, the
   slopes rounded to bf16 and the products ``bf16(m_h * pos)``. ``FalconModel`` folds
-  ``alibi / sqrt(D)`` into the 4-D mask, which SDPA adds once; the eager path adds it to the
-  scores as well, ``(q.k + alibi) / sqrt(D) + mask``: twice. Each path is matched (slope
-  ``m_h / sqrt(D)`` for SDPA, ``2 m_h / sqrt(D)`` for eager). The kernel's bias is the exact
-  linear one: equal to Falcon's bf16 products while they are exact (power-of-two slopes, up to
-  8 heads, positions below 256), more accurate past that.
+  ``alibi / sqrt(D)`` into the 4-D mask. Two conventions, one drop-in each:
+
+  - transformers <= 5.24 also passes ``alibi`` to the layer. SDPA adds the folded mask once;
+    the eager path adds ``alibi`` to the scores as well, ``(q.k + alibi) / sqrt(D) + mask``:
+    twice (slope ``m_h / sqrt(D)`` for SDPA, ``2 m_h / sqrt(D)`` for eager).
+  - transformers >= 5.25 passes only the mask, which eager and SDPA both add once (slope
+    ``m_h / sqrt(D)``); the slopes and key padding are read back from the mask itself.
+
+  The kernel's bias is the exact linear one: equal to Falcon's bf16 products while they are
+  exact (power-of-two slopes, up to 8 heads, positions below 256), more accurate past that.
+
+Each drop-in has the signature of the forward it replaces (:data:`FAMILIES` lists them by
+convention); :mod:`._alibi_patch` installs the one whose signature the installed transformers
+has, after a probe on a tiny model proves it computes what the original does.
 
 Preconditions are *checked* at run time on the tensors the model passes (the mask is causal
 bottom-right and the padding of one key mask, the bias is the model's formula, BLOOM/Falcon's
@@ -47,6 +56,8 @@ positions, and every gradient agree. Compare logits at unpadded positions only.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from posenc_triton import alibi_attention
@@ -62,11 +73,40 @@ from posenc_triton.integrations._alibi_checks import (
     plain,
     verdict,
 )
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 from posenc_triton.integrations._hf import modeling
 
-__all__ = ["patch_alibi", "patched_alibi_layers", "unpatch_alibi"]
+__all__ = ["FAMILIES", "Convention", "Family"]
 
-_FLAG = "_posenc_check_masks"  # instance attribute set by patch_alibi
+FLAG = "_posenc_check_masks"  # instance attribute set by patch_alibi
+_PROBE = threading.local()  # .calls: a list while _alibi_patch probes a drop-in
+
+
+def _attention(*args, **kwargs) -> torch.Tensor:
+    """:func:`alibi_attention`, counted while a probe watches (the fused path ran)."""
+    calls = getattr(_PROBE, "calls", None)
+    if calls is not None:
+        calls.append(1)
+    return alibi_attention(*args, **kwargs)
+
+
+class Fused:
+    """Base of the fused subclasses (built by :mod:`._alibi_patch`): marks a patched layer."""
+
+    posenc_kind = ""
+
+
+def _theirs(layer):
+    """transformers' own ``forward`` of a fused layer, bound to it."""
+    cls = next(c for c in type(layer).__mro__ if not issubclass(c, Fused))
+    return cls.forward.__get__(layer)
+
+
+def _dropout_p(dropout) -> float:
+    """The attention dropout probability: an ``nn.Dropout`` (<= 5.24) or a float (5.25)."""
+    return float(getattr(dropout, "p", dropout) or 0.0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -79,9 +119,9 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     """``BloomAttention.forward`` with the attention in :func:`alibi_attention`."""
     batch, seqlen_q, _ = hidden_states.shape
     num_heads, head_dim = self.num_heads, self.head_dim
-    verify = getattr(self, _FLAG, True)
+    verify = getattr(self, FLAG, True)
     ok = False
-    if not plain(self, self.attention_dropout.p, verify, attentions=output_attentions,
+    if not plain(self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
                   head_mask=kwargs.get("head_mask") is not None, beta=self.beta != 1.0,
                   empty=seqlen_q == 0,
                   mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4,
@@ -110,7 +150,7 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
 
             ok, kpm = cached_verdict(alibi, attention_mask, (batch, seqlen_q, seqlen_k), compute)
     if not ok:
-        return super(_FusedBloom, self).forward(
+        return _theirs(self)(
             hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
             use_cache=use_cache, output_attentions=output_attentions, **kwargs)
 
@@ -120,7 +160,7 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
         key, value = layer_past.update(key, value, self.layer_idx)
     check_keys(key.shape[-2], seqlen_k, "BloomAttention")
     # bshd views (no copy): the output comes back contiguous [B, Sq, H, D].
-    context = alibi_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    context = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes, is_causal=True, scale=float(self.inv_norm_factor),
                               layout="bshd", key_padding_mask=kpm)
     context = context.reshape(batch, seqlen_q, num_heads * head_dim)
@@ -149,7 +189,7 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
     """``MptBlock.forward`` with its attention in :func:`alibi_attention`."""
     attn = self.attn
     batch, seqlen_q, _ = hidden_states.shape
-    verify = getattr(self, _FLAG, True)
+    verify = getattr(self, FLAG, True)
     ok = False
     if not plain(self, attn.attn_dropout_p, verify, attentions=output_attentions,
                   empty=seqlen_q == 0,
@@ -175,7 +215,7 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
             ok, kpm = cached_verdict(position_bias, attention_mask,
                                       (batch, seqlen_q, seqlen_k), compute)
     if not ok:
-        return super(_FusedMpt, self).forward(
+        return _theirs(self)(
             hidden_states, position_bias, attention_mask, layer_past=layer_past,
             use_cache=use_cache, output_attentions=output_attentions, **kwargs)
 
@@ -191,7 +231,7 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
                                        attn.layer_idx, kwargs={})
         key, value = key.transpose(1, 2), value.transpose(1, 2)
     check_keys(key.shape[1], seqlen_k, "MptAttention")
-    context = alibi_attention(query, key, value, slopes, is_causal=True,
+    context = _attention(query, key, value, slopes, is_causal=True,
                               scale=float(attn.softmax_scale), layout="bshd",
                               key_padding_mask=kpm)
     hidden_states = self.resid_attn_dropout(attn.out_proj(context.reshape(batch, seqlen_q, -1)))
@@ -204,16 +244,17 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
 # ----------------------------------------------------------------------------------------
 
 
-def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=None,
+def _falcon_alibi_forward(self, hidden_states, alibi, attention_mask, position_ids=None,
                     layer_past=None, use_cache=False, output_attentions=False,
                     position_embeddings=None, **kwargs):
-    """``FalconAttention.forward`` (ALiBi branch) with the attention in
-    :func:`alibi_attention`; the RoPE branch (``alibi=None``) is transformers' own."""
+    """``FalconAttention.forward`` of transformers <= 5.24 (``alibi`` passed to the layer) with
+    the attention in :func:`alibi_attention`; the RoPE branch (``alibi=None``) is
+    transformers' own."""
     batch, seqlen_q, _ = hidden_states.shape
     num_heads, head_dim = self.num_heads, self.head_dim
-    verify = getattr(self, _FLAG, True)
+    verify = getattr(self, FLAG, True)
     ok = False
-    if not plain(self, self.attention_dropout.p, verify, attentions=output_attentions,
+    if not plain(self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
                   empty=seqlen_q == 0, alibi=not isinstance(alibi, torch.Tensor),
                   mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
                   or not attention_mask.is_floating_point()):
@@ -239,7 +280,7 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
 
             ok, kpm = cached_verdict(alibi, attention_mask, (batch, seqlen_q, seqlen_k), compute)
     if not ok:
-        return super(_FusedFalcon, self).forward(
+        return _theirs(self)(
             hidden_states, alibi, attention_mask, position_ids=position_ids,
             layer_past=layer_past, use_cache=use_cache, output_attentions=output_attentions,
             position_embeddings=position_embeddings, **kwargs)
@@ -255,7 +296,7 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     check_keys(key.shape[-2], seqlen_k, "FalconAttention")
     # SDPA adds the folded alibi / sqrt(D) once; the eager path adds alibi * inv_norm too.
     times = 1.0 if self.config._attn_implementation == "sdpa" else 2.0
-    context = alibi_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    context = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes * (times * self.inv_norm_factor), is_causal=True,
                               scale=float(self.inv_norm_factor), layout="bshd",
                               key_padding_mask=kpm)
@@ -263,100 +304,106 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     return self.dense(context), None
 
 
+
+
+def _falcon_folded_forward(self, hidden_states, attention_mask, position_ids=None,
+                           layer_past=None, use_cache=False, output_attentions=False,
+                           position_embeddings=None, **kwargs):
+    """``FalconAttention.forward`` of transformers >= 5.25 (the bias folded into the mask, no
+    ``alibi`` argument) with the attention in :func:`alibi_attention`."""
+    batch, seqlen_q, _ = hidden_states.shape
+    num_heads, head_dim = self.num_heads, self.head_dim
+    verify = getattr(self, FLAG, True)
+    ok = False
+    if self.config.alibi and not plain(
+            self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
+            empty=seqlen_q == 0,
+            mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+            or not attention_mask.is_floating_point()):
+        seqlen_k = attention_mask.shape[-1]
+        if (tuple(attention_mask.shape) == (batch, num_heads, seqlen_q, seqlen_k)
+                and seqlen_k >= seqlen_q):
+            slopes = model_slopes("falcon", num_heads, hidden_states.device)
+
+            def compute():
+                mask = attention_mask
+                visible = mask > torch.finfo(mask.dtype).min / 2
+                if not verify:
+                    return True, visible[:, 0, -1, :]
+                # Every row holds the last row's bias where visible (the last query row sees
+                # every kept key), and that bias is Falcon's alibi / sqrt(D): nothing else.
+                bias = mask[:, :, -1:, :]
+                checks = [mask_value_check(mask, visible, bias)]
+                ok, kpm = verdict(visible, seqlen_q, seqlen_k, checks, contiguous=True)
+                if ok and not bool(key_position_check(bias, visible[:, 0, -1, :],
+                                                       slopes.bfloat16(), batch, num_heads,
+                                                       seqlen_k, divisor=head_dim ** 0.5)):
+                    return False, None
+                return ok, kpm
+
+            # The mask is built afresh by every model forward and shared by its layers.
+            ok, kpm = cached_verdict(attention_mask, attention_mask,
+                                      (batch, seqlen_q, seqlen_k), compute)
+    if not ok:
+        return _theirs(self)(
+            hidden_states, attention_mask, position_ids=position_ids, layer_past=layer_past,
+            use_cache=use_cache, output_attentions=output_attentions,
+            position_embeddings=position_embeddings, **kwargs)
+
+    # As transformers 5.25 splits the heads: [B, Sq, heads, D] views.
+    fused_qkv = self.query_key_value(hidden_states).view(batch, seqlen_q, -1, head_dim)
+    if self.new_decoder_architecture:  # per KV group: its queries, then its key and value
+        grouped = fused_qkv.view(batch, seqlen_q, self.num_kv_heads, -1, head_dim)
+        query = grouped[..., :-2, :].flatten(-3, -2)
+        key, value = grouped[..., -2, :], grouped[..., -1, :]
+    elif self.multi_query:
+        query, key, value = fused_qkv.split([num_heads, 1, 1], dim=-2)
+    else:  # query, key and value interleaved per head
+        query, key, value = fused_qkv.unflatten(-2, (num_heads, 3)).unbind(-2)
+    if layer_past is not None:
+        key, value = layer_past.update(key.transpose(1, 2), value.transpose(1, 2),
+                                       self.layer_idx)
+        key, value = key.transpose(1, 2), value.transpose(1, 2)
+    check_keys(key.shape[1], seqlen_k, "FalconAttention")
+    context = _attention(query, key, value, slopes * self.inv_norm_factor, is_causal=True,
+                         scale=float(self.inv_norm_factor), layout="bshd", key_padding_mask=kpm)
+    return self.dense(context.reshape(batch, seqlen_q, num_heads * head_dim)), None
+
+
 # ----------------------------------------------------------------------------------------
-# Class swapping
+# The drop-ins by family and convention
 # ----------------------------------------------------------------------------------------
 
 
-class _Fused:
-    """Base of the fused mixins: ``isinstance(m, _Fused)`` marks a patched layer."""
+@dataclass(frozen=True)
+class Convention:
+    """What one range of transformers versions hands a layer, and the drop-in written for it
+    (its signature is the original forward's)."""
 
-    posenc_kind = ""
-
-
-class _FusedBloom(_Fused):
-    posenc_kind = "alibi/bloom"
-    forward = _bloom_forward
+    name: str
+    forward: Callable
 
 
-class _FusedMpt(_Fused):
-    posenc_kind = "alibi/mpt"
-    forward = _mpt_block_forward
+@dataclass(frozen=True)
+class Family:
+    """An ALiBi model: the layer class swapped, its base model (for the probe), the drop-ins."""
+
+    module: str
+    layer: str
+    model: str
+    conventions: tuple[Convention, ...]
+    # The attention implementations the drop-ins reproduce (None: the layer has only its own).
+    implementations: Optional[tuple[str, ...]] = None
 
 
-class _FusedFalcon(_Fused):
-    posenc_kind = "alibi/falcon"
-    forward = _falcon_forward
-
-
-# model name -> (modeling module, class to swap, mixin)
-MODELS = {
-    "bloom": (BLOOM, "BloomAttention", _FusedBloom),
-    "mpt": (MPT, "MptBlock", _FusedMpt),
-    "falcon": (FALCON, "FalconAttention", _FusedFalcon),
+FAMILIES = {
+    "bloom": Family(BLOOM, "BloomAttention", "BloomModel", (
+        Convention("alibi and a 4-D mask passed to BloomAttention", _bloom_forward),)),
+    "mpt": Family(MPT, "MptBlock", "MptModel", (
+        Convention("position_bias and a bool mask passed to MptBlock", _mpt_block_forward),)),
+    "falcon": Family(FALCON, "FalconAttention", "FalconModel", (
+        Convention("alibi passed to FalconAttention (transformers <= 5.24)",
+                   _falcon_alibi_forward),
+        Convention("alibi / sqrt(head_dim) folded into the mask (transformers >= 5.25)",
+                   _falcon_folded_forward)), implementations=("eager", "sdpa")),
 }
-
-_FUSED_CLASSES: dict[type, type] = {}  # original class -> its fused subclass
-
-
-def _fused_class(cls: type, mixin: type) -> type:
-    fused = _FUSED_CLASSES.get(cls)
-    if fused is None:
-        name = f"Fused{cls.__name__}"
-        fused = type(name, (mixin, cls),
-                     {"__module__": __name__, "__qualname__": name, "__doc__": cls.__doc__})
-        _FUSED_CLASSES[cls] = fused
-    return fused
-
-
-def __getattr__(name: str):
-    # ``FusedBloomAttention`` & co. resolve by name, so a patched model pickles (torch.save)
-    # and unpickles in a fresh process.
-    for module, cls_name, mixin in MODELS.values():
-        if name == f"Fused{cls_name}":
-            return _fused_class(getattr(modeling(module), cls_name), mixin)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def patch_alibi(model: torch.nn.Module, which: str, *, check_masks: bool = True) -> int:
-    """Swap every ``which`` (``"bloom"``, ``"mpt"``, ``"falcon"``) ALiBi layer of ``model`` for
-    its fused subclass; returns how many (idempotent: a repeated call updates
-    ``check_masks``). Raises ValueError when there is none, or a subclass overrides the
-    forward being replaced."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(check_masks, bool):
-        raise TypeError(f"check_masks must be a bool, got {type(check_masks).__name__}")
-    module, cls_name, mixin = MODELS[which]
-    base = getattr(modeling(module), cls_name)
-    layers = [m for m in model.modules() if isinstance(m, base)]
-    for m in layers:
-        if not isinstance(m, _Fused) and type(m).forward is not base.forward:
-            raise ValueError(f"cannot patch {type(m).__qualname__}: it overrides "
-                             f"{cls_name}.forward")
-    if not layers:
-        raise ValueError(f"cannot patch {which} ALiBi attention into {type(model).__name__}: "
-                         f"it has no {cls_name} layer")
-    for m in layers:
-        if not isinstance(m, _Fused):
-            m.__class__ = _fused_class(type(m), mixin)
-        setattr(m, _FLAG, check_masks)
-    return len(layers)
-
-
-def unpatch_alibi(model: torch.nn.Module) -> int:
-    """Give every fused ALiBi layer of ``model`` its original class; returns how many."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    count = 0
-    for m in model.modules():
-        if isinstance(m, _Fused):
-            m.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, _Fused))
-            m.__dict__.pop(_FLAG, None)
-            count += 1
-    return count
-
-
-def patched_alibi_layers(model: torch.nn.Module) -> dict[str, list[str]]:
-    """``{layer path: [kind]}`` of the fused ALiBi layers of ``model``."""
-    return {path: [m.posenc_kind] for path, m in model.named_modules() if isinstance(m, _Fused)}

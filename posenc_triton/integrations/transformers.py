@@ -15,7 +15,9 @@ from model type to *patch kinds*:
   the same (:mod:`._rope_patch`). Module-wide: every model of those classes in the process,
   until :func:`unpatch`.
 * ``alibi/<model>``: the model's ALiBi layers get a fused subclass running
-  :func:`posenc_triton.alibi_attention` (:mod:`._alibi_models`). Per instance.
+  :func:`posenc_triton.alibi_attention` (:mod:`._alibi_models`), once the drop-in written for
+  the installed transformers' signature has been probed on a tiny model (:mod:`._alibi_patch`).
+  Per instance.
 
 After :func:`apply`, every layer :func:`patched_layers` lists runs the kernel (the tests count
 the launches per layer); a model type outside the table is refused with a ValueError listing
@@ -35,7 +37,7 @@ from typing import Callable, Union
 
 import torch
 
-from posenc_triton.integrations import _alibi_models, _rope_patch
+from posenc_triton.integrations import _alibi_patch, _rope_patch
 from posenc_triton.integrations._hf import modeling, require_transformers
 from posenc_triton.integrations._rope_dropins import fused_apply_rotary_pos_emb
 from posenc_triton.integrations._rope_patch import KINDS
@@ -123,45 +125,69 @@ def _kinds(model) -> tuple[str, tuple[str, ...]]:
     return model_type, (entry(config) if callable(entry) else entry)
 
 
-def apply(model: torch.nn.Module, *, check_masks: bool = True) -> torch.nn.Module:
+def apply(model: torch.nn.Module, *, check_masks: bool = True,
+          strict: bool = True) -> torch.nn.Module:
     """Route every RoPE / ALiBi attention layer of ``model`` through the fused kernels.
+
+    Every patch kind is checked before anything is installed: each RoPE function the layers
+    call is probed against its drop-in, each ALiBi layer class must have the signature its
+    drop-in was written for and pass a probe on a tiny copy of the model.
 
     Args:
         model: a transformers model whose ``config.model_type`` is in :data:`ARCHITECTURES`.
         check_masks: ALiBi models only: verify once per forward (one device-to-host read)
             that the mask and bias are what the kernel reproduces, else run transformers'
             forward; ``False`` trusts them (for ``torch.compile`` / CUDA graphs).
+        strict: a kind whose check fails raises (nothing patched); ``False`` leaves that kind
+            unpatched with one warning and patches the others.
 
     Returns:
         ``model`` (patched in place; patching twice is a no-op).
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``.
-        ValueError: an unsupported model type (the message lists the supported ones), no
-            layer calling the function the table names, or a function / layer that computes
-            something other than what the drop-in does (nothing is patched then).
+        ValueError: an unsupported model type (the message lists the supported ones), or (with
+            ``strict``) a kind that cannot be patched: no layer calling the function the table
+            names, an attention implementation the drop-in does not cover, or an installed
+            transformers whose function / layer differs from what the drop-in was written for.
+            The message names the model type, the transformers version and what differed;
+            the model is left exactly as it was.
         ImportError: transformers is not installed.
     """
-    require_transformers()
+    transformers = require_transformers()
     model_type, kinds = _kinds(model)
-    rope = [KINDS[k.split("/", 1)[1]] for k in kinds if k.startswith("rope/")]
-    if rope:
-        sites = _rope_patch.rope_sites(model, rope, ROPE_LAYERS.get(model_type))
-        if not sites:
-            names = ", ".join(sorted({k.function for k in rope}))
-            raise ValueError(f"cannot patch {model_type} model {type(model).__name__}: no layer "
-                             f"calls {names}")
-        targets = list({(mod.__name__, kind.name): (mod, kind)
-                        for _, mod, kind in sites}.values())
-        try:
-            _rope_patch.install(targets)
-        except ValueError as e:
-            raise ValueError(f"cannot patch {model_type} model {type(model).__name__}: {e}") \
-                from None
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    installs = []
     for kind in kinds:
-        if kind.startswith("alibi/"):
-            _alibi_models.patch_alibi(model, kind.split("/", 1)[1], check_masks=check_masks)
+        try:
+            installs.append(_prepare(model, model_type, kind, check_masks))
+        except ValueError as e:
+            message = (f"cannot patch {kind} into {model_type} model {type(model).__name__} "
+                       f"(transformers {transformers.__version__}): {e}")
+            if strict:
+                raise ValueError(message) from None
+            warnings.warn(f"{message}; left unpatched", stacklevel=2)
+    for install in installs:
+        install()
     return model
+
+
+def _prepare(model, model_type: str, kind: str, check_masks: bool) -> Callable:
+    """Check one patch kind against ``model``; returns the function that installs it."""
+    family, name = kind.split("/", 1)
+    if family == "alibi":
+        return _alibi_patch.prepare_alibi(model, name, check_masks=check_masks)
+    rope = KINDS[name]
+    sites = _rope_patch.rope_sites(model, [rope], ROPE_LAYERS.get(model_type))
+    if not sites:
+        raise ValueError(f"no layer calls {rope.function}")
+    targets = list({mod.__name__: (mod, rope) for _, mod, _ in sites}.values())
+    reasons = [f"{mod.__name__}.{rope.function}: {reason}" for mod, _ in targets
+               if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return lambda: _rope_patch.install(targets)
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -171,7 +197,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sites = _rope_patch.rope_sites(model, KINDS.values())
     _rope_patch.restore({mod.__name__ for _, mod, _ in sites})
-    _alibi_models.unpatch_alibi(model)
+    _alibi_patch.unpatch_alibi(model)
     return model
 
 
@@ -182,7 +208,7 @@ def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     rope = _rope_patch.patched_rope_layers(model, ROPE_LAYERS.get(model_type))
-    return {**rope, **_alibi_models.patched_alibi_layers(model)}
+    return {**rope, **_alibi_patch.patched_alibi_layers(model)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -318,17 +344,17 @@ def patch_bloom(model: torch.nn.Module, *, check_masks: bool = True) -> int:
     model has no ``BloomAttention`` layer (:func:`apply` handles rotary models).
     """
     require_transformers()
-    return _alibi_models.patch_alibi(model, "bloom", check_masks=check_masks)
+    return _alibi_patch.patch_alibi(model, "bloom", check_masks=check_masks)
 
 
 def unpatch_bloom(model: torch.nn.Module) -> int:
     """Give every patched ALiBi layer of ``model`` its original class; returns how many."""
-    return _alibi_models.unpatch_alibi(model)
+    return _alibi_patch.unpatch_alibi(model)
 
 
 def patched_bloom_attentions(model: torch.nn.Module) -> int:
     """How many ALiBi layers of ``model`` currently run the fused kernel."""
-    return len(_alibi_models.patched_alibi_layers(model))
+    return len(_alibi_patch.patched_alibi_layers(model))
 
 
 def apply_to_bloom(model: torch.nn.Module, *, check_masks: bool = True) -> torch.nn.Module:
