@@ -365,8 +365,9 @@ def _falcon_folded_forward(self, hidden_states, attention_mask, position_ids=Non
                                        self.layer_idx)
         key, value = key.transpose(1, 2), value.transpose(1, 2)
     check_keys(key.shape[1], seqlen_k, "FalconAttention")
-    context = _attention(query, key, value, slopes * self.inv_norm_factor, is_causal=True,
-                         scale=float(self.inv_norm_factor), layout="bshd", key_padding_mask=kpm)
+    # FalconModel folds alibi / sqrt(head_dim) into the mask; the scores are scaled by .scaling.
+    context = _attention(query, key, value, slopes / head_dim ** 0.5, is_causal=True,
+                         scale=float(self.scaling), layout="bshd", key_padding_mask=kpm)
     return self.dense(context.reshape(batch, seqlen_q, num_heads * head_dim)), None
 
 
