@@ -322,7 +322,9 @@ def _plot(rows, s: Settings, env: dict, path: Path) -> bool:
         ax.set_ylabel("held-out bits per byte")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Length extrapolation, trained at {s.train_len} ({env['gpu']})", fontsize=9)
+    # env["gpu"] reads "none (CPU ...)" off a GPU: the title names the CPU without nesting.
+    where = env["gpu"][len("none ("):-1] if env["gpu"].startswith("none (") else env["gpu"]
+    fig.suptitle(f"Length extrapolation, trained at {s.train_len} ({where})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

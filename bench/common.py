@@ -32,7 +32,12 @@ def parse_args(doc: str, runner: bool = False) -> argparse.Namespace:
 
     A benchmark script exits without CUDA unless dry-running; the runner falls back to the
     smoke test itself."""
-    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0].replace("``", ""))
+    parser = argparse.ArgumentParser(
+        prog="posenc-bench" if runner else None,
+        description=doc.strip().splitlines()[0].replace("``", ""),
+        epilog=("sub-commands: posenc-bench extrapolation [--quick | --large] ...: the "
+                "length-extrapolation study, on CPU or GPU (posenc-bench extrapolation --help)"
+                if runner else None))
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="output folder (default: ./posenc_bench_results)")
     parser.add_argument("--quick", action="store_true", help="a few representative shapes only")
@@ -116,7 +121,11 @@ def environment(dtype: torch.dtype) -> dict:
     cpu = f"none (CPU {platform.machine()}, dry run: numbers mean nothing)"
     return {
         "gpu": torch.cuda.get_device_name() if HAS_CUDA else cpu,
-        "cuda": torch.version.cuda, "torch": torch.__version__, "triton": version("triton"),
+        # Off a GPU, torch.version.cuda is only what the wheel was built for.
+        "cuda": torch.version.cuda if HAS_CUDA else
+        (f"none found (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
+         else "none (a CPU build of torch)"),
+        "torch": torch.__version__, "triton": version("triton"),
         "python": platform.python_version(), "posenc_triton": version("posenc_triton"),
         "liger_kernel": version("liger_kernel"), "flash_attn": version("flash_attn"),
         "dtype": str(dtype).replace("torch.", ""),

@@ -70,3 +70,26 @@ def test_repository_kernels_folder_is_not_a_package_of_its_own():
     result = run_elsewhere(ROOT, code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "[]", "None"], result.stdout
+
+
+def test_command_help_names_itself_and_every_sub_command(tmp_path):
+    for argv in (["-m", "posenc_triton.bench", "--help"],
+                 ["-c", "import sys; sys.argv[0] = 'x'; from posenc_triton.bench.run import cli;"
+                        " sys.argv[1:] = ['--help']; cli()"]):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        result = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: posenc-bench "), result.stdout
+        assert "__main__" not in result.stdout
+        assert "posenc-bench extrapolation" in result.stdout
+
+
+def test_environment_says_cuda_is_only_the_build_without_a_gpu():
+    import torch
+
+    from posenc_triton.bench import common
+
+    env = common.environment(torch.float32)
+    if not torch.cuda.is_available():
+        assert env["gpu"].startswith("none") and env["cuda"].startswith("none")
