@@ -51,7 +51,7 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
           "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
           "pointers": not get("USE_TMA"), "key_mask": get("HAS_KEY_MASK"),
           "varlen": get("IS_VARLEN"),
-          "sm80": _arch(get("Q")) < 90}
+          "sm80": _arch(get("Q")) < 90, "triton38": _triton_version() < (3, 9)}
     drop = {tile for variant, tiles in _SPILLS.get(kernel, {}).items()
             if all(on[part] for part in variant.split("+")) for tile in tiles}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
@@ -67,6 +67,13 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
 
     return small(kept) or small(configs)  # a spill is slow, too much shared memory fails
+
+
+@functools.cache
+def _triton_version() -> tuple:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 def _arch(t) -> int:
@@ -113,22 +120,31 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # (64, 64, 4, 3) with TMA (230-236 registers). sm_80 (A100: mma.sync, pointer loads) spills
 # 12-3312 B at dq's 128-row tiles (and 44-144 B at (64, 64, 4, 3) with the slope gradient
 # or a key mask), 12-528 B at dkdv's 128-key tiles and 436 B at (32, 64, 4, 3) with dropout.
+# Triton 3.8 (what torch 2.14 pins) allocates registers a little worse than 3.9 (sm_90, D = 128,
+# bench/results/audit/triton-3.8.md): the symmetric forward's big TMA tiles spill 56 B; dkdv
+# with GQA 64-196 B at (32, 128, 8, 3) and 40-124 B at (16, 128, 8, 3) when symmetric or
+# with dropout; dq with dropout 16 B at (64, 64, 4, 3) with TMA.
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)],
             "dropout": [(128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
-            "sm80+key_mask": [(128, 64, 8, 3)]},
+            "sm80+key_mask": [(128, 64, 8, 3)],
+            "triton38+symmetric": [(128, 128, 8, 3), (64, 128, 4, 3)]},
     "dq": {"pointers+dropout": [(64, 64, 4, 3)],
            "dropout+slope_grad": [(128, 64, 8, 3), (64, 64, 4, 3)],
            "varlen": [(64, 64, 4, 3)], "sm80": [(128, 64, 8, 3), (128, 32, 8, 3)],
-           "sm80+slope_grad": [(64, 64, 4, 3)], "sm80+key_mask": [(64, 64, 4, 3)]},
+           "sm80+slope_grad": [(64, 64, 4, 3)], "sm80+key_mask": [(64, 64, 4, 3)],
+           "triton38+dropout": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 64, 4, 3)], "pointers+gqa": [(32, 128, 8, 3)],
              "dropout": [(32, 128, 8, 3)],
              "pointers+symmetric+dropout": [(32, 64, 4, 3)],
              "symmetric+dropout+gqa": [(16, 128, 8, 3)],
              "tma+mha": [(32, 32, 8, 2)], "sm80": [(32, 128, 8, 3), (16, 128, 8, 3)],
-             "sm80+dropout": [(32, 64, 4, 3)]},
+             "sm80+dropout": [(32, 64, 4, 3)],
+             "triton38+gqa": [(32, 128, 8, 3)], "triton38+symmetric+gqa": [(16, 128, 8, 3)],
+             "triton38+dropout+gqa": [(16, 128, 8, 3)]},
 }
+
 # fp32 inputs: with IEEE products every larger tile spills on sm_90, up to 150 KB at D = 256
 # (bench/NOTES.md); this one holds 66-128 registers at D = 64-256 with pointer loads.
 _IEEE_TILE = (16, 16, 4, 1)

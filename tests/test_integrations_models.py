@@ -13,7 +13,7 @@ from conftest import DEVICE, count_alibi_layer_calls, count_calls_of, model_step
 
 transformers = pytest.importorskip("transformers")
 
-from posenc_triton.integrations import _alibi_models, _alibi_patch, _rope_dropins, _rope_patch  # noqa: E402
+from posenc_triton.integrations import _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
 
 BASE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

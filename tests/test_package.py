@@ -63,7 +63,8 @@ def test_repository_kernels_folder_is_not_a_package_of_its_own():
     # namespace package (no file, no submodules: transformers reads it as "not installed"),
     # never posenc_triton's kernels.
     code = (
-        "import sys, os; sys.path[:] = [os.getcwd()] + [p for p in sys.path if 'packages' not in p]\n"
+        "import sys, os\n"
+        "sys.path[:] = [os.getcwd()] + [p for p in sys.path if 'packages' not in p]\n"
         "import importlib.util, kernels\n"
         "print(getattr(kernels, '__file__', None), list(kernels.__path__),"
         " importlib.util.find_spec('kernels.rope'))")

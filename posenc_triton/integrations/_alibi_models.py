@@ -57,6 +57,8 @@ positions, and every gradient agree. Compare logits at unpadded positions only.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -73,9 +75,6 @@ from posenc_triton.integrations._alibi_checks import (
     plain,
     verdict,
 )
-from dataclasses import dataclass
-from typing import Callable, Optional
-
 from posenc_triton.integrations._hf import modeling
 
 __all__ = ["FAMILIES", "Convention", "Family"]
