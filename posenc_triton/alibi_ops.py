@@ -123,7 +123,8 @@ _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
 # Triton 3.8 (what torch 2.14 pins) allocates registers a little worse than 3.9 (sm_90, D = 128,
 # bench/results/audit/triton-3.8.md): the symmetric forward's big TMA tiles spill 56 B; dkdv
 # with GQA 64-196 B at (32, 128, 8, 3) and 40-124 B at (16, 128, 8, 3) when symmetric or
-# with dropout; dq with dropout 16 B at (64, 64, 4, 3) with TMA.
+# with dropout, and 52-72 B at (32, 64, 4, 3) with dropout; dq 16 B at (64, 64, 4, 3) with
+# dropout (TMA) and 8 B there when symmetric with the slope gradient.
 _SPILLS = {
     "fwd": {"pointers": [(128, 128, 8, 3), (64, 128, 4, 3)],
             "pointers+symmetric": [(128, 64, 8, 3)],
@@ -134,7 +135,8 @@ _SPILLS = {
            "dropout+slope_grad": [(128, 64, 8, 3), (64, 64, 4, 3)],
            "varlen": [(64, 64, 4, 3)], "sm80": [(128, 64, 8, 3), (128, 32, 8, 3)],
            "sm80+slope_grad": [(64, 64, 4, 3)], "sm80+key_mask": [(64, 64, 4, 3)],
-           "triton38+dropout": [(64, 64, 4, 3)]},
+           "triton38+dropout": [(64, 64, 4, 3)],
+           "triton38+symmetric+slope_grad": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 64, 4, 3)], "pointers+gqa": [(32, 128, 8, 3)],
              "dropout": [(32, 128, 8, 3)],
              "pointers+symmetric+dropout": [(32, 64, 4, 3)],
@@ -142,7 +144,7 @@ _SPILLS = {
              "tma+mha": [(32, 32, 8, 2)], "sm80": [(32, 128, 8, 3), (16, 128, 8, 3)],
              "sm80+dropout": [(32, 64, 4, 3)],
              "triton38+gqa": [(32, 128, 8, 3)], "triton38+symmetric+gqa": [(16, 128, 8, 3)],
-             "triton38+dropout+gqa": [(16, 128, 8, 3)]},
+             "triton38+dropout": [(32, 64, 4, 3)], "triton38+dropout+gqa": [(16, 128, 8, 3)]},
 }
 
 # fp32 inputs: with IEEE products every larger tile spills on sm_90, up to 150 KB at D = 256
