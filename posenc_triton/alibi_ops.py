@@ -51,7 +51,8 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
           "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
           "pointers": not get("USE_TMA"), "key_mask": get("HAS_KEY_MASK"),
           "varlen": get("IS_VARLEN"),
-          "sm80": _arch(get("Q")) < 90, "triton38": _triton_version() < (3, 9)}
+          "sm80": _arch(get("Q")) < 90, "triton38": _triton_version() < (3, 9),
+          "triton39": _triton_version() >= (3, 9)}
     drop = {tile for variant, tiles in _SPILLS.get(kernel, {}).items()
             if all(on[part] for part in variant.split("+")) for tile in tiles}
     kept = [c for c in configs if _tile(c) not in drop] or configs[-1:]
@@ -64,7 +65,7 @@ def _prune_configs(configs, named_args, kernel=None, **kwargs):
 
     def small(cs):
         return [c for c in cs
-                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages == 2]
 
     return small(kept) or small(configs)  # a spill is slow, too much shared memory fails
 
@@ -99,7 +100,8 @@ def _tile(config) -> tuple:
 # (32, 32, 8, 2). dkdv's BLOCK_M must divide the largest one (``_bias_period``).
 _FWD_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                 (64, 64, 8, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3), (32, 32, 8, 2)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3), (16, 64, 4, 1),
+                 (32, 32, 8, 2)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 2)]
 # Tiles that spill in one variant only, kept for the others ("a+b": both at once). Forward:
 # the big tiles fit 255 registers only with TMA loads (pointer loads hold 16 addresses per
@@ -138,13 +140,16 @@ _SPILLS = {
            "triton38+dropout": [(64, 64, 4, 3)],
            "triton38+symmetric+slope_grad": [(64, 64, 4, 3)]},
     "dkdv": {"gqa": [(32, 64, 4, 3)], "pointers+gqa": [(32, 128, 8, 3)],
-             "dropout": [(32, 128, 8, 3)],
+             "dropout": [(32, 128, 8, 3), (16, 64, 4, 1)],
              "pointers+symmetric+dropout": [(32, 64, 4, 3)],
              "symmetric+dropout+gqa": [(16, 128, 8, 3)],
              "tma+mha": [(32, 32, 8, 2)], "sm80": [(32, 128, 8, 3), (16, 128, 8, 3)],
              "sm80+dropout": [(32, 64, 4, 3)],
              "triton38+gqa": [(32, 128, 8, 3)], "triton38+symmetric+gqa": [(16, 128, 8, 3)],
-             "triton38+dropout": [(32, 64, 4, 3)], "triton38+dropout+gqa": [(16, 128, 8, 3)]},
+             "triton38+dropout": [(32, 64, 4, 3)], "triton38+dropout+gqa": [(16, 128, 8, 3)],
+             # (16, 64, 4, 1): on Triton 3.8, the symmetric GQA dkdv's tile (the others spill)
+             "triton39": [(16, 64, 4, 1)], "key_mask": [(16, 64, 4, 1)],
+             "varlen": [(16, 64, 4, 1)]},
 }
 
 # fp32 inputs: with IEEE products every larger tile spills on sm_90, up to 150 KB at D = 256
