@@ -120,25 +120,25 @@ class _Recorder:
 def _recording(launches, tma: bool):
     """The launchers run with the kernels swapped for recorders; ``tma``: as on sm_90, where
     the tiles the kernels loop over come through tensor descriptors."""
-    from posenc_triton import alibi_ops
+    from posenc_triton import alibi_configs, alibi_tma
     from posenc_triton.kernels import alibi_attention as kern
     from posenc_triton.kernels import alibi_attention_bwd as bwd
 
-    table = (("fwd", kern._alibi_attn_fwd, alibi_ops._FWD_CONFIGS),
-             ("preprocess", bwd._alibi_attn_bwd_preprocess, None),
-             ("dkdv", bwd._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS),
-             ("dq", bwd._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS))
+    table = (("fwd", kern.alibi_fwd_kernel, alibi_configs.FWD_CONFIGS),
+             ("preprocess", bwd.alibi_bwd_preprocess_kernel, None),
+             ("dkdv", bwd.alibi_bwd_dkdv_kernel, alibi_configs.DKDV_CONFIGS),
+             ("dq", bwd.alibi_bwd_dq_kernel, alibi_configs.DQ_CONFIGS))
     recorders = {hooked: tuple(_Recorder(name, fn, [
-        alibi_ops._config(*c, pre_hook=alibi_ops._descriptor_blocks if hooked else None)
+        alibi_configs.config(*c, pre_hook=alibi_tma.descriptor_blocks if hooked else None)
         for c in configs or []], launches) for name, fn, configs in table)
         for hooked in (False, True)}
-    real = alibi_ops._kernels, alibi_ops._tma_capable
-    alibi_ops._kernels = lambda interpreting, tma=False: recorders[tma]
-    alibi_ops._tma_capable = lambda t: tma
+    real = alibi_configs.dense_kernels, alibi_tma.tma_capable
+    alibi_configs.dense_kernels = lambda interpreting, tma=False: recorders[tma]
+    alibi_tma.tma_capable = lambda t: tma
     try:
         yield
     finally:
-        alibi_ops._kernels, alibi_ops._tma_capable = real
+        alibi_configs.dense_kernels, alibi_tma.tma_capable = real
 
 
 def record(case: Case, arch: int = 90) -> list:
@@ -165,11 +165,11 @@ def record(case: Case, arch: int = 90) -> list:
     dropout = (0.1, torch.empty(1, dtype=torch.int64, device=dev)) if case.dropout else (0.0,)
     launches = []
     with _recording(launches, tma=arch >= 90):
-        out, lse = alibi_ops.alibi_attention_forward(q, k, v, slopes, mask, *packed,
-                                                     case.causal, scale, "bhsd", *dropout)
-        alibi_ops.alibi_attention_backward(torch.empty_like(out), q, k, v, slopes, mask,
-                                           *packed, out, lse, case.causal, scale, "bhsd",
-                                           *dropout, slopes_grad=case.slope_grad)
+        out, lse = alibi_ops.launch_alibi_fwd(q, k, v, slopes, mask, *packed, case.causal,
+                                              scale, "bhsd", *dropout)
+        alibi_ops.launch_alibi_bwd(torch.empty_like(out), q, k, v, slopes, mask, *packed, out,
+                                   lse, case.causal, scale, "bhsd", *dropout,
+                                   slopes_grad=case.slope_grad)
     return launches
 
 
@@ -316,18 +316,19 @@ def _named(launch: Launch) -> dict:
 def _pruned(launch: Launch, arch: int = 90) -> list:
     """``[(meta, (BLOCK_M, BLOCK_N, num_warps, num_stages), config)]``: what the autotuner may
     run on ``arch``."""
-    from posenc_triton import alibi_ops
+    from posenc_triton import alibi_configs
 
     if not launch.configs:  # a fixed launch (the preprocess)
         return [(launch.meta, (launch.meta["BLOCK_M"], 0, 4, 3), None)]
     named = _named(launch)
     configs = launch.configs
     if not launch.name.startswith("tutorial"):
-        real, alibi_ops._arch = alibi_ops._arch, lambda t: arch
+        real, alibi_configs.arch = alibi_configs.arch, lambda t: arch
         try:
-            configs = alibi_ops._prune_configs(configs, named, kernel=launch.name, **launch.meta)
+            configs = alibi_configs.prune_configs(configs, named, kernel=launch.name,
+                                                  **launch.meta)
         finally:
-            alibi_ops._arch = real
+            alibi_configs.arch = real
     out = []
     for c in configs:
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)

@@ -106,7 +106,7 @@ def _tutorial_dq(Q, K, V, DO, DQ, M, DELTA, stride_h, stride_m, seqlen,
 
 def launches(case):
     """:class:`audit.Launch`es of one tutorial kernel at the tiles of the matching ALiBi list."""
-    from posenc_triton import alibi_ops
+    from posenc_triton import alibi_configs
     from posenc_triton.bench.audit import BATCH, HEADS, SEQLEN, Launch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.dtype]
@@ -115,10 +115,10 @@ def launches(case):
     ints = (t.stride(0), t.stride(1), SEQLEN)
     meta = {"HEAD_DIM": case.head_dim}
     kernels = {"tutorial-fwd": (_tutorial_fwd, (t, t, t, t, lse, 0.5, *ints),
-                                [*alibi_ops._FWD_CONFIGS, (128, 32, 4, 3)]),
+                                [*alibi_configs.FWD_CONFIGS, (128, 32, 4, 3)]),
                "tutorial-dkdv": (_tutorial_dkdv, (t, t, t, t, t, t, lse, lse, *ints),
-                                 alibi_ops._DKDV_CONFIGS),
+                                 alibi_configs.DKDV_CONFIGS),
                "tutorial-dq": (_tutorial_dq, (t, t, t, t, t, lse, lse, *ints),
-                               alibi_ops._DQ_CONFIGS)}
+                               alibi_configs.DQ_CONFIGS)}
     fn, args, configs = kernels[case.kernel]
-    return [Launch(case.kernel, fn, [alibi_ops._config(*c) for c in configs], args, meta)]
+    return [Launch(case.kernel, fn, [alibi_configs.config(*c) for c in configs], args, meta)]

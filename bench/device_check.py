@@ -91,16 +91,16 @@ def dynamo_graphs() -> int:
 
 
 def autotuners() -> list:
-    """The ALiBi kernels' Triton autotuners, whatever their configs (``alibi_ops`` builds them
+    """The ALiBi kernels' Triton autotuners, whatever their configs (``alibi_configs`` builds them
     lazily; pointer loads, then the TMA set); an empty list, said, if that private API moved."""
     from triton.runtime.autotuner import Autotuner
 
-    from posenc_triton import alibi_ops
+    from posenc_triton import alibi_configs
 
     try:
-        kernels = (*alibi_ops._kernels(False), *alibi_ops._kernels(False, True))
+        kernels = (*alibi_configs.dense_kernels(False), *alibi_configs.dense_kernels(False, True))
     except Exception as exc:  # a missing winner list must not end the run
-        print(f"device check: no autotuners from alibi_ops._kernels: {exc!r}")
+        print(f"device check: no autotuners from alibi_configs.dense_kernels: {exc!r}")
         return []
     return [k for k in kernels if isinstance(k, Autotuner)]
 

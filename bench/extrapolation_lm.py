@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from posenc_triton._attention import SelfAttentionBase
 from posenc_triton.nn import ALiBiAttention, RoPEAttention, SinusoidalPositionalEncoding
-from posenc_triton.reference import _SelfAttention
 
 ENCODINGS = ("nope", "sinusoidal", "learned", "rope", "alibi")
 
@@ -64,7 +64,7 @@ def stdlib_split(root: Optional[Path] = None):
 # ------------------------------------------------------------------------------------------
 
 
-class _CausalAttention(_SelfAttention):
+class _CausalAttention(SelfAttentionBase):
     """Attention with no position information (NoPE, or positions added to the input)."""
 
     def forward(self, x: torch.Tensor, attention_mask=None, is_causal: bool = True):

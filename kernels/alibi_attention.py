@@ -239,7 +239,7 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h
 
 
 @triton.jit
-def _alibi_attn_fwd(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DESC,
+def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DESC,
                     sm_scale, dropout_p,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,

@@ -18,7 +18,7 @@ from .dropout import _dropout_keep
 
 
 @triton.jit
-def _alibi_attn_bwd_preprocess(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q,
+def alibi_bwd_preprocess_kernel(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q,
                                stride_ob, stride_oh, stride_om, stride_od,
                                stride_dob, stride_doh, stride_dom, stride_dod,
                                stride_lb, stride_lh, stride_sb, stride_cs, seqlen_q,
@@ -146,7 +146,7 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, Q_DESC, DO_DESC, tma_
 
 
 @triton.jit
-def _alibi_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
+def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
                          Q_DESC, DO_DESC, sm_scale, dropout_p,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
@@ -288,7 +288,7 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
     ``colf = [0, BLOCK_N)`` in fp32: the column term ``slope * colf`` is fused into the score's
     second FMA, exact); ``lse2`` is the LSE in log2 units. ``HAS_SLOPE_GRAD`` adds the row
     sums ``[BLOCK_M]`` of ``p * dist * dp``, ``p * dist`` and ``p * dp`` (see
-    :func:`_alibi_attn_bwd_dq`)."""
+    :func:`alibi_bwd_dq_kernel`)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = tl.arange(0, BLOCK_D) < HEAD_DIM
     # With registers to spare (TMA loads hold no pointers; no dropout mask), the scores'
@@ -362,7 +362,7 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
 
 
 @triton.jit
-def _alibi_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
+def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
                        K_DESC, V_DESC, sm_scale, dropout_p,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,

@@ -4,13 +4,13 @@ Same scores as :mod:`.alibi_attention` (bottom-right aligned ``i' = i + Sk - Sq`
 ``- m_h (i' - j)`` with ``j > i'`` masked, or symmetric ``- m_h |i' - j|``; exp2 domain), in
 two launches:
 
-1. ``_alibi_decode_split``, grid ``(m_blocks * num_splits, Hk, B)``: a program takes one KV
+1. ``alibi_decode_split_kernel``, grid ``(m_blocks * num_splits, Hk, B)``: a program takes one KV
    head, keys ``[s * split_size, (s + 1) * split_size)`` and a tile of ``BLOCK_M`` rows of the
    ``group x Sq`` query rows that share the KV head (row ``r`` is query ``r // group`` of
    head ``kvh * group + r % group``), so each K/V tile is read once per GQA group and the
    query rows of a decode step fill the ``tl.dot``'s M dimension. It writes fp32 partials:
    the normalised output and its log2-sum-exp (``-inf`` when the split sees no key).
-2. ``_alibi_decode_merge``, grid ``(cdiv(rows, BLOCK_M), Hq, B)``: the splits' partials
+2. ``alibi_decode_merge_kernel``, grid ``(cdiv(rows, BLOCK_M), Hq, B)``: the splits' partials
    weighted by ``exp2(lse_s - max)``; writes ``O`` in the input dtype and ``LSE`` as a
    natural log, ``+inf`` for a row with no visible key (output 0), like the dense forward,
    so the dense backward runs from it unchanged.
@@ -45,7 +45,7 @@ def _decode_sequence(CU_Q, CU_K, SEQLENS, off_b, seqlen_q, seqlen_k,
 
 
 @triton.jit
-def _alibi_decode_split(Q, K, V, OP, LP, SLOPES, KPM, CU_Q, CU_K, SEQLENS, sm_scale,
+def alibi_decode_split_kernel(Q, K, V, OP, LP, SLOPES, KPM, CU_Q, CU_K, SEQLENS, sm_scale,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -141,7 +141,7 @@ def _alibi_decode_split(Q, K, V, OP, LP, SLOPES, KPM, CU_Q, CU_K, SEQLENS, sm_sc
 
 
 @triton.jit
-def _alibi_decode_merge(OP, LP, O, LSE,
+def alibi_decode_merge_kernel(OP, LP, O, LSE,
                         stride_ops, stride_opb, stride_oph, stride_opm,
                         stride_lps, stride_lpb, stride_lph,
                         stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh,

@@ -5,7 +5,7 @@ within the sequence, packed input included) is kept when the first output of Phi
 (10 rounds) with key ``seed`` and counter ``(j, i, b * Hq + h, 0)``, as a uniform float in
 ``[0, 1)`` (``tl.uint_to_uniform_float``, as ``tl.rand`` does), is at least ``dropout_p``.
 The forward and both backward kernels draw the same mask from the same formula, and
-:func:`_dropout_mask_kernel` writes it out for tests.
+:func:`dropout_mask_kernel` writes it out for tests.
 """
 
 import triton
@@ -23,7 +23,7 @@ def _dropout_keep(seed, bh, rows, cols, dropout_p):
 
 
 @triton.jit
-def _dropout_mask_kernel(SEED, MASK, dropout_p, seqlen_q, seqlen_k,
+def dropout_mask_kernel(SEED, MASK, dropout_p, seqlen_q, seqlen_k,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(B * Hq, cdiv(Sq, BLOCK_M), cdiv(Sk, BLOCK_N))``: ``MASK [B, Hq, Sq, Sk]``
     (contiguous bytes) = the keep-mask the attention kernels draw."""

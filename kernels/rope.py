@@ -51,7 +51,7 @@ def _rope_tile(
 
 
 @triton.jit
-def _rope_kernel(
+def rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, offsets_ptr,
     S, Hq, Hk, T, offset, n_s_blocks,
     stride_qb, stride_qs, stride_qh, stride_qd,

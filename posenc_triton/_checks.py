@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -34,6 +35,16 @@ def probability(name: str, value) -> float:
     if not is_real(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
     return float(value)
+
+
+def real(name: str, value: Any, positive: bool = False) -> float:
+    """``value`` if a finite real (``> 0`` with ``positive``): ``TypeError`` for a non-number
+    (bool included), ``ValueError`` for a bad value, naming ``name``."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
+    return value
 
 
 def finite_real(name: str, value) -> float:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from posenc_triton import _backend, _checks, alibi_ops
-from posenc_triton.alibi_decode import alibi_kvcache_forward
+from posenc_triton.alibi_decode import call_alibi_kvcache
 from posenc_triton.reference import (
     alibi_attention_kvcache_reference,
     alibi_attention_reference,
@@ -348,13 +348,11 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          layout=layout, upcast=True,
                                          key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     if cache_seqlens is not None:
-        return alibi_kvcache_forward(q, k, v, slopes.contiguous(), key_padding_mask,
-                                     cache_seqlens.contiguous(), is_causal, scale, layout)[0]
+        return call_alibi_kvcache(q, k, v, slopes.contiguous(), key_padding_mask,
+                                  cache_seqlens.contiguous(), is_causal, scale, layout)[0]
     if varlen:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     seed = alibi_ops.draw_dropout_seed(q.device) if dropout_p > 0 else None
-    args = (q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, seed)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, slopes)):
-        return alibi_ops.AlibiAttentionFunction.apply(*args)
-    return alibi_ops.alibi_forward(*args)[0]  # the thin path: no autograd node
+    return alibi_ops.run_alibi(q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q,
+                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                               layout, dropout_p, seed)

@@ -8,10 +8,10 @@ split across programs and a program packs the ``group x Sq`` query rows of one K
 its tile, so K/V are read once per group; a second launch merges the splits by their
 log-sum-exp. The result is the dense forward's ``(out, lse)``, and its backward runs from it.
 
-:func:`use_split` picks this path inside :func:`posenc_triton.alibi_ops.alibi_attention_forward`
-(so the op, autograd and ``torch.compile`` paths are unchanged). Per-batch valid key lengths
-(``cache_seqlens``) run only here, forward only, through the op
-``posenc_triton::alibi_decode_fwd``.
+:func:`use_split` is the rule by which :func:`posenc_triton.alibi_ops.launch_alibi_fwd` hands
+a call to :func:`launch_alibi_decode` (so the op, autograd and ``torch.compile`` paths are
+unchanged). Per-batch valid key lengths (``cache_seqlens``) run only here, forward only,
+through the op ``posenc_triton::alibi_decode_fwd`` (:func:`call_alibi_kvcache`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from posenc_triton import _backend
+from posenc_triton import _backend, alibi_launch
 
 # Dispatch (see use_split): at most this many query rows, at least this many keys.
 MAX_SEQLEN_Q = 64
@@ -64,7 +64,7 @@ def use_split(q, k, layout: str, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: 
     return _backend.cdiv(seqlen_q, 128) * q.shape[heads] * batch < 2 * _num_sms(q.device)
 
 
-def _tiles(q: torch.Tensor, rows: int) -> dict:
+def _split_blocks(q: torch.Tensor, rows: int) -> dict:
     """``BLOCK_*`` and launch options of the split kernel for ``rows`` packed query rows.
 
     Fixed rather than autotuned: a decode step is short enough that the autotuner's key
@@ -103,28 +103,27 @@ def _empty_f32(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def alibi_decode_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
-                         cache_seqlens=None, wrap=False):
-    """``(out, lse)`` exactly as :func:`posenc_triton.alibi_ops.alibi_attention_forward`
-    returns them (same arguments), computed split-KV; ``cache_seqlens`` (int ``[B]``, dense
-    input only) limits batch ``b`` to its first ``cache_seqlens[b]`` keys, its queries
-    aligned to that length."""
-    from posenc_triton import alibi_ops as ops  # imports this module lazily: no cycle
+def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
+                        cache_seqlens=None, wrap=False):
+    """``(out, lse)`` exactly as :func:`posenc_triton.alibi_ops.launch_alibi_fwd` returns them
+    (same arguments), computed split-KV; ``cache_seqlens`` (int ``[B]``, dense input only)
+    limits batch ``b`` to its first ``cache_seqlens[b]`` keys, its queries aligned to that
+    length."""
     from posenc_triton.kernels import alibi_decode as kern
 
     varlen = cu_seqlens_q is not None
-    q, k, v = (ops._bhsd(t, layout, varlen) for t in (q, k, v))
+    q, k, v = (alibi_launch.bhsd(t, layout, varlen) for t in (q, k, v))
     num_heads, rows_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     seqlen_q = max_seqlen_q if varlen else rows_q
     if varlen:
         seqlen_k = max_seqlen_k
-    out = ops._empty_bhsd(q.shape, layout, q, varlen)
+    out = alibi_launch.empty_bhsd(q.shape, layout, q, varlen)
     lse = _empty_f32((q.shape[0], num_heads, rows_q), q.device)
     if out.numel() == 0 or seqlen_q == 0 or batch == 0:
-        return ops._layout(out, layout, varlen), lse
+        return alibi_launch.to_layout(out, layout, varlen), lse
 
     group = num_heads // num_kv_heads
     interpreting = _backend.interpreting()
@@ -134,32 +133,33 @@ def alibi_decode_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seq
             # fp32 inputs get IEEE fp32 products (PyTorch's default matmul), not TF32
             "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreting else None,
             "INTERPRETER": interpreting}  # works around its bf16 dot and rounding
-    tiles = _tiles(q, group * seqlen_q)
-    m_blocks = _backend.cdiv(group * seqlen_q, tiles["BLOCK_M"])
+    blocks = _split_blocks(q, group * seqlen_q)
+    m_blocks = _backend.cdiv(group * seqlen_q, blocks["BLOCK_M"])
     num_splits, split_size = _splits(seqlen_k, m_blocks * num_kv_heads * batch,
-                                     tiles["BLOCK_N"], q.device)
+                                     blocks["BLOCK_N"], q.device)
     # fp32 partials, rows addressed like the output's (packed: one batch of total_q rows)
     part_out = _empty_f32((num_splits, q.shape[0], num_heads, rows_q, head_dim), q.device)
     part_lse = _empty_f32(part_out.shape[:-1], q.device)
     part_strides = (part_out.stride(0), 0 if varlen else part_out.stride(1),
                     *part_out.stride()[2:4], part_lse.stride(0),
                     0 if varlen else part_lse.stride(1), part_lse.stride(2))
-    mask, stride_mb, stride_mn = ops._key_mask_args(key_padding_mask, slopes)
+    mask, stride_mb, stride_mn = alibi_launch.key_mask_args(key_padding_mask, slopes)
     seqlens = slopes if cache_seqlens is None else cache_seqlens  # never read when None
     with _backend.device_guard(q):
-        ops._launch(kern._alibi_decode_split, wrap)[(m_blocks * num_splits, num_kv_heads, batch)](
+        split = alibi_launch.launchable(kern.alibi_decode_split_kernel, wrap)
+        split[(m_blocks * num_splits, num_kv_heads, batch)](
             q, k, v, part_out, part_lse, slopes, mask,
-            *ops._cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), seqlens, scale,
-            *ops._strides(q, k, v, varlen=varlen), *part_strides,
-            ops._slope_batch_stride(slopes), stride_mb, stride_mn,
-            group, seqlen_q, seqlen_k, num_splits, split_size, **meta, **tiles)
+            *alibi_launch.cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), seqlens, scale,
+            *alibi_launch.strides(q, k, v, varlen=varlen), *part_strides,
+            alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn,
+            group, seqlen_q, seqlen_k, num_splits, split_size, **meta, **blocks)
         merge_grid = (_backend.cdiv(rows_q, _MERGE_BLOCK_M), num_heads, q.shape[0])
-        ops._launch(kern._alibi_decode_merge, wrap)[merge_grid](
+        alibi_launch.launchable(kern.alibi_decode_merge_kernel, wrap)[merge_grid](
             part_out, part_lse, out, lse, *part_out.stride()[:4], *part_lse.stride()[:3],
             *out.stride(), *lse.stride()[:2], rows_q, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_MERGE_BLOCK_M,
             INTERPRETER=interpreting)
-    return ops._layout(out, layout, varlen), lse
+    return alibi_launch.to_layout(out, layout, varlen), lse
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,9 +167,9 @@ def alibi_decode_forward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seq
 # ------------------------------------------------------------------------------------------
 
 
-def _kvcache_forward(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
+def _launch_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
                      layout, wrap=False):
-    return alibi_decode_forward(q, k, v, slopes, key_padding_mask, None, None, 0, 0, is_causal,
+    return launch_alibi_decode(q, k, v, slopes, key_padding_mask, None, None, 0, 0, is_causal,
                                 scale, layout, cache_seqlens, wrap)
 
 
@@ -178,12 +178,12 @@ def _alibi_decode_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                          cache_seqlens: torch.Tensor, is_causal: bool, scale: float,
                          layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kvcache_forward(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
+    return _launch_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
                             layout, wrap=True)
 
 
-def alibi_kvcache_forward(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
-                          layout):
+def call_alibi_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
+                       layout):
     """``(out, lse)`` of checked arguments with ``cache_seqlens``; the op under compile."""
-    return _backend.call_op(torch.ops.posenc_triton.alibi_decode_fwd, _kvcache_forward, q, k,
+    return _backend.call_op(torch.ops.posenc_triton.alibi_decode_fwd, _launch_kvcache, q, k,
                             v, slopes, key_padding_mask, cache_seqlens, is_causal, scale, layout)

@@ -26,18 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from posenc_triton import _backend, _checks, reference
+from posenc_triton._attention import SelfAttentionBase
 from posenc_triton.alibi import MAX_HEAD_DIM, alibi_attention, alibi_slopes
-from posenc_triton.reference import _SelfAttention
 from posenc_triton.rope import LAYOUTS, apply_rope
-from posenc_triton.rope_scaling import _real, rope_cos_sin, rope_frequencies
+from posenc_triton.rope_scaling import rope_cos_sin, rope_frequencies
 
 __all__ = ["ALiBiAttention", "RoPEAttention", "RotaryEmbedding", "SinusoidalPositionalEncoding"]
 
-# SDPA's ``enable_gqa`` appeared in torch 2.5; older versions repeat the k/v heads instead.
-_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-_SDPA_HAS_ENABLE_GQA = _TORCH_VERSION >= (2, 5)
-
-# Position tables: built in float64, stored in float32 (DESIGN.md), whatever the weights are.
+# Position tables: built in float64, stored in float32 whatever the weights are (the kernels
+# read float32 tables; rounding angles or slopes to bf16 would move every position).
 _FLOAT32_TABLES = ("inv_freq", "cos_sin_cached", "slopes")
 
 
@@ -159,7 +156,7 @@ class RotaryEmbedding(_Float32Tables, torch.nn.Module):
                 f"scaling={self.scaling}, interleaved={self.interleaved}, layout={self.layout!r}")
 
 
-class RoPEAttention(_Float32Tables, _SelfAttention):
+class RoPEAttention(_Float32Tables, SelfAttentionBase):
     """Multi-head self-attention with rotary position embeddings (Llama / GPT-NeoX style).
 
     Args:
@@ -211,11 +208,8 @@ class RoPEAttention(_Float32Tables, _SelfAttention):
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.num_kv_heads != self.num_heads
         if attention_mask is None:
-            if gqa and not _SDPA_HAS_ENABLE_GQA:
-                k, v = _repeat_kv(k, v, self.num_heads)
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=is_causal,
-                **({"enable_gqa": True} if gqa and _SDPA_HAS_ENABLE_GQA else {}))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                 is_causal=is_causal, enable_gqa=gqa)
         else:
             keep = attention_mask[:, None, None, :]  # [B, 1, 1, S]
             if is_causal:
@@ -232,7 +226,7 @@ class RoPEAttention(_Float32Tables, _SelfAttention):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.d_model))
 
 
-class ALiBiAttention(_Float32Tables, _SelfAttention):
+class ALiBiAttention(_Float32Tables, SelfAttentionBase):
     """Multi-head self-attention with ALiBi (BLOOM / MPT style) on the fused kernel.
 
     Args: ``d_model``, ``num_heads``, ``max_seq_len`` (unused by ALiBi, accepted for a
@@ -306,7 +300,7 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
     def __init__(self, d_model: int, base: float = 10000.0):
         super().__init__()
         self.d_model = _checks.positive_int("d_model", d_model)
-        self.base = float(_real("base", base, positive=True))
+        self.base = float(_checks.real("base", base, positive=True))
 
     def encoding(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
         """``PE`` at integer ``positions`` (any shape), ``[*positions.shape, d_model]``."""

@@ -1,7 +1,8 @@
 """Pure-PyTorch references: the specification the kernels are tested and benchmarked against.
 
-Nothing here imports a kernel. Everything is written as plainly as the maths in DESIGN.md;
-pass float64 inputs to get the ground truth.
+Nothing here imports a kernel. Everything is written as the maths reads (the README's
+"Semantics" section): materialised scores, explicit masks, softmax in float32 or wider; pass
+float64 inputs to get the ground truth.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from posenc_triton import _checks
+from posenc_triton._attention import SelfAttentionBase
 
 # ----------------------------------------------------------------------------------------
 # RoPE
@@ -254,80 +255,7 @@ def alibi_attention_kvcache_reference(
 # ----------------------------------------------------------------------------------------
 
 
-class _SelfAttention(torch.nn.Module):
-    """Projections and argument checks shared by the attention modules (fast and reference).
-
-    ``q_proj: d_model -> d_model``, ``k_proj, v_proj: d_model -> num_kv_heads * head_dim``,
-    ``o_proj: d_model -> d_model``, with ``head_dim = d_model // num_heads``. The parameter
-    names are the same in every module, so ``load_state_dict`` moves weights between them.
-    """
-
-    def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
-                 dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
-                 bias: bool = False, device=None, dtype=None):
-        super().__init__()
-        _checks.positive_int("d_model", d_model)
-        _checks.positive_int("num_heads", num_heads)
-        _checks.positive_int("max_seq_len", max_seq_len)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _checks.positive_int("num_kv_heads", num_kv_heads)
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of "
-                             f"num_kv_heads={num_kv_heads} (GQA/MQA)")
-        _checks.probability("dropout", dropout)
-        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
-        self.head_dim = d_model // num_heads
-        self.max_seq_len, self.dropout = max_seq_len, float(dropout)
-        kv_dim = num_kv_heads * self.head_dim
-        factory = {"bias": bias, "device": device, "dtype": dtype}
-        self.q_proj = torch.nn.Linear(d_model, d_model, **factory)
-        self.k_proj = torch.nn.Linear(d_model, kv_dim, **factory)
-        self.v_proj = torch.nn.Linear(d_model, kv_dim, **factory)
-        self.o_proj = torch.nn.Linear(d_model, d_model, **factory)
-
-    def _check_input(self, x, attention_mask, is_causal) -> None:
-        _checks.check_activations(x, self.d_model)
-        _checks.check_bool("is_causal", is_causal)
-        if attention_mask is None:
-            return
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError("attention_mask must be a torch.Tensor or None, "
-                            f"got {type(attention_mask).__name__}")
-        if attention_mask.dtype != torch.bool:
-            raise TypeError("attention_mask must be a bool tensor (True = keep), "
-                            f"got {attention_mask.dtype}")
-        if tuple(attention_mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"attention_mask must have shape [B, S] = {list(x.shape[:2])}, "
-                             f"got {list(attention_mask.shape)}")
-        if attention_mask.device != x.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but x is on "
-                             f"{x.device}")
-
-    def _rotary_dim(self, rotary_dim) -> int:
-        """``rotary_dim`` checked (None: the whole head)."""
-        rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
-        if not _checks.is_int(rotary_dim) or not 0 < rotary_dim <= self.head_dim or rotary_dim % 2:
-            raise ValueError(f"rotary_dim must be an even int in 2..head_dim={self.head_dim}, "
-                             f"got {rotary_dim!r}")
-        return rotary_dim
-
-    def _project(self, x: torch.Tensor):
-        """``q [B, S, H, D]``, ``k, v [B, S, Hk, D]``: views of the projections' outputs."""
-        batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        return q, k, v
-
-    def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dropout={self.dropout}")
-
-
-class RoPEAttentionReference(_SelfAttention):
+class RoPEAttentionReference(SelfAttentionBase):
     """Reference for :class:`posenc_triton.RoPEAttention`: same constructor, forward, parameters.
 
     Rotates q and k with :func:`apply_rope_reference`, then materialises the scores
@@ -395,7 +323,7 @@ class RoPEAttentionReference(_SelfAttention):
                 f"scaling={self.scaling}, interleaved={self.interleaved}")
 
 
-class ALiBiAttentionReference(_SelfAttention):
+class ALiBiAttentionReference(SelfAttentionBase):
     """Reference for :class:`posenc_triton.ALiBiAttention`: same constructor, forward, parameters.
 
     Projects, then runs :func:`alibi_attention_reference` (materialised scores, ALiBi bias,

@@ -167,8 +167,8 @@ def apply_rope(
         position_ids = position_ids.expand(batch, seqlen)
     offsets = seqlen_offsets.expand(batch) if isinstance(seqlen_offsets, torch.Tensor) else None
     offset = 0 if offsets is not None else seqlen_offsets
-    q_out, k_out = rope_ops.rotate(q, k, cos, sin, position_ids, offsets, offset, interleaved,
-                                   inplace)
+    q_out, k_out = rope_ops.run_rope(q, k, cos, sin, position_ids, offsets, offset, interleaved,
+                                     inplace)
     if layout == "bhsd":
         q_out = q_out.transpose(1, 2)
         k_out = None if k_out is None else k_out.transpose(1, 2)

@@ -1,10 +1,10 @@
 """Rotary position embedding: the launcher, its ``torch.library`` op and autograd.
 
-Layers, top-down, as in :mod:`posenc_triton.alibi_ops`: ``rope_forward`` (launch the kernel
+Layers, top-down, as in :mod:`posenc_triton.alibi_ops`: ``launch_rope`` (launch the kernel
 into given outputs) → ``posenc_triton::rope_`` (the same, visible to ``torch.compile``) →
-:func:`rope` (the op under ``torch.compile``, the launcher otherwise) → ``RopeFunction``
-(autograd: backward is the conjugate rotation through the same kernel). Arguments arrive
-checked by :func:`posenc_triton.rope.apply_rope`.
+:func:`call_rope` (the op under ``torch.compile``, the launcher otherwise) → ``RopeFunction``
+(autograd: backward is the conjugate rotation through the same kernel) → :func:`run_rope`.
+Arguments arrive checked by :func:`posenc_triton.rope.apply_rope`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from posenc_triton import _backend
 # ----------------------------------------------------------------------------------------
 
 
-def _tile(seqlen: int, heads: int, half: int):
+def _rope_blocks(seqlen: int, heads: int, half: int):
     """Tile sizes: about 2K rotated pairs (8 KiB of bf16) per program, heads first."""
     block_r = _backend.next_power_of_2(half)
     block_h = min(_backend.next_power_of_2(max(heads, 1)), 8)
@@ -28,7 +28,7 @@ def _tile(seqlen: int, heads: int, half: int):
     return block_s, block_h, block_r
 
 
-def rope_forward(
+def launch_rope(
     q_out: torch.Tensor,
     k_out: Optional[torch.Tensor],
     q: Optional[torch.Tensor],
@@ -49,7 +49,7 @@ def rope_forward(
     ``wrap`` launches through :func:`launcher` (``wrap_triton``) so ``torch.compile`` sees the
     kernel.
     """
-    from posenc_triton.kernels.rope import _rope_kernel
+    from posenc_triton.kernels.rope import rope_kernel
 
     inplace = q is None
     q = q_out if inplace else q
@@ -61,7 +61,7 @@ def rope_forward(
         return
     if k is None:  # no k heads are launched; any valid pointer and strides will do
         k = k_out = q
-    block_s, block_h, block_r = _tile(seqlen, max(hq, hk), half)
+    block_s, block_h, block_r = _rope_blocks(seqlen, max(hq, hk), half)
     copy_tail = 2 * half < dim and not inplace
     has_pos = position_ids is not None
     pos = position_ids if has_pos else cos  # unused pointer when has_pos is False
@@ -70,7 +70,7 @@ def rope_forward(
     offsets = seqlen_offsets if has_offsets else cos
     n_s_blocks = _backend.cdiv(seqlen, block_s)
     grid = (batch * n_s_blocks, _backend.cdiv(hq, block_h) + _backend.cdiv(hk, block_h))
-    kernel = _backend.launcher(_rope_kernel) if wrap else _rope_kernel
+    kernel = _backend.launcher(rope_kernel) if wrap else rope_kernel
     with _backend.device_guard(q):
         kernel[grid](
             q, k, q_out, k_out, cos, sin, pos, offsets,
@@ -100,13 +100,13 @@ def _rope_op(
     interleaved: bool,
     conjugate: bool,
 ) -> None:
-    rope_forward(q_out, k_out, q, k, cos, sin, position_ids, seqlen_offsets, offset,
-                 interleaved, conjugate, wrap=True)
+    launch_rope(q_out, k_out, q, k, cos, sin, position_ids, seqlen_offsets, offset,
+                interleaved, conjugate, wrap=True)
 
 
-def rope(*args) -> None:
-    """:func:`rope_forward` through the op (under ``torch.compile``) or directly."""
-    _backend.call_op(torch.ops.posenc_triton.rope_, rope_forward, *args)
+def call_rope(*args) -> None:
+    """:func:`launch_rope` through the op (under ``torch.compile``) or directly."""
+    _backend.call_op(torch.ops.posenc_triton.rope_, launch_rope, *args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,8 +121,8 @@ class RopeFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin, position_ids, seqlen_offsets, offset, interleaved):
         q_out = torch.empty_like(q)
         k_out = None if k is None else torch.empty_like(k)
-        rope(q_out, k_out, q, k, cos, sin, position_ids, seqlen_offsets, offset, interleaved,
-             False)
+        call_rope(q_out, k_out, q, k, cos, sin, position_ids, seqlen_offsets, offset,
+                  interleaved, False)
         ctx.save_for_backward(cos, sin, position_ids, seqlen_offsets)
         ctx.offset, ctx.interleaved, ctx.has_k = offset, interleaved, k is not None
         return q_out, k_out
@@ -132,12 +132,12 @@ class RopeFunction(torch.autograd.Function):
         cos, sin, position_ids, seqlen_offsets = ctx.saved_tensors
         dq = torch.empty_like(grad_q)
         dk = torch.empty_like(grad_k) if ctx.has_k else None
-        rope(dq, dk, grad_q, grad_k if ctx.has_k else None, cos, sin, position_ids,
-             seqlen_offsets, ctx.offset, ctx.interleaved, True)
+        call_rope(dq, dk, grad_q, grad_k if ctx.has_k else None, cos, sin, position_ids,
+                  seqlen_offsets, ctx.offset, ctx.interleaved, True)
         return dq, dk, None, None, None, None, None, None
 
 
-def rotate(q, k, cos, sin, position_ids, seqlen_offsets, offset, interleaved, inplace):
+def run_rope(q, k, cos, sin, position_ids, seqlen_offsets, offset, interleaved, inplace):
     """``(q_out, k_out)`` for checked ``[B, S, H, D]`` inputs, with autograd where needed.
 
     In place under autograd is an out-of-place rotation copied into ``q`` and ``k``:
@@ -152,9 +152,9 @@ def rotate(q, k, cos, sin, position_ids, seqlen_offsets, offset, interleaved, in
             k_out = None if k is None else k.copy_(k_out)
         return q_out, k_out
     if inplace:  # the thin path: no autograd node, no allocation
-        rope(q, k, None, None, *args, False)
+        call_rope(q, k, None, None, *args, False)
         return q, k
     q_out = torch.empty_like(q)
     k_out = None if k is None else torch.empty_like(k)
-    rope(q_out, k_out, q, k, *args, False)
+    call_rope(q_out, k_out, q, k, *args, False)
     return q_out, k_out

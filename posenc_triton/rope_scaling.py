@@ -35,15 +35,6 @@ __all__ = ["SUPPORTED_ROPE_TYPES", "rope_cos_sin", "rope_frequencies"]
 _REQUIRED = object()
 
 
-def _real(name: str, value: Any, positive: bool = False) -> float:
-    # bool is an int subclass; True as a base or factor is always a mistake.
-    if not _checks.is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (positive and not value > 0):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
-    return value
-
-
 def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
         value = int(value)  # transformers passes seq_len as max(position_ids) + 1, a 0-d tensor
@@ -60,7 +51,7 @@ def _param(p: Mapping, key: str, rt: str, default: Any = _REQUIRED, *, above=Non
         if default is _REQUIRED:
             raise ValueError(f"scaling is missing the key {key!r} required by rope_type={rt!r}")
         return default
-    value = _real(f"scaling[{key!r}] (rope_type={rt!r})", p[key])
+    value = _checks.real(f"scaling[{key!r}] (rope_type={rt!r})", p[key])
     if above is not None and not value > above:
         raise ValueError(f"scaling[{key!r}] (rope_type={rt!r}) must be > {above}, got {value}")
     if at_least is not None and not value >= at_least:
@@ -243,7 +234,7 @@ def rope_frequencies(
     rotary_dim = _int("rotary_dim", rotary_dim, 1)
     if rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
-    base = _real("base", base, positive=True)
+    base = _checks.real("base", base, positive=True)
     max_pos = max_position_embeddings
     if max_pos is not None:
         max_pos = _int("max_position_embeddings", max_pos, 1)
@@ -258,7 +249,7 @@ def rope_frequencies(
     if rope_type not in _VARIANTS:
         raise ValueError(f"unknown rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     theta = scaling.get("rope_theta")
-    if theta is not None and _real("scaling['rope_theta']", theta) != base:
+    if theta is not None and _checks.real("scaling['rope_theta']", theta) != base:
         # 5.x rope_parameters carry rope_theta; refusing a mismatch beats silently picking one.
         raise ValueError(f"scaling['rope_theta']={theta} differs from base={base}")
     variant = _VARIANTS[rope_type]
@@ -283,7 +274,7 @@ def rope_cos_sin(
         raise TypeError(f"inv_freq must be a floating tensor, got dtype {inv_freq.dtype}")
     if inv_freq.ndim != 1:
         raise ValueError(f"inv_freq must be 1-D [R/2], got shape {tuple(inv_freq.shape)}")
-    scale = _real("attention_scaling", attention_scaling, positive=True)
+    scale = _checks.real("attention_scaling", attention_scaling, positive=True)
     device = inv_freq.device
     if isinstance(seq_len_or_positions, torch.Tensor):
         positions = seq_len_or_positions

@@ -18,8 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from posenc_triton import alibi_configs
 from posenc_triton import alibi_decode as decode_ops
-from posenc_triton import alibi_ops
 from posenc_triton.kernels import alibi_attention, alibi_attention_bwd, alibi_decode, rope
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -32,7 +32,7 @@ ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf
               "KPM": "*u8", "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32", "SEED": "*i64",
               "DSLOPE": "*fp32", "dropout_p": "fp32"}
 # the dkdv kernel's period of the preprocess's query terms (ignored by the other kernels)
-BWD = {"BIAS_PERIOD": alibi_ops._bias_period()}
+BWD = {"BIAS_PERIOD": alibi_configs.bias_period()}
 # the pointer path (bench/audit.py compiles the TMA one with real descriptors)
 POINTERS = {"K_DESC": None, "V_DESC": None, "Q_DESC": None, "DO_DESC": None, "USE_TMA": False}
 ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
@@ -62,7 +62,7 @@ def cases():
     """``(name, kernel, types, constexprs, num_warps, num_stages)`` worth compiling."""
     for half, dim in ((64, 128), (40, 96)):
         for interleaved in (False, True):
-            yield (f"rope R={2 * half} D={dim} interleaved={interleaved}", rope._rope_kernel,
+            yield (f"rope R={2 * half} D={dim} interleaved={interleaved}", rope.rope_kernel,
                    ROPE_TYPES, {"HALF": half, "D": dim, "BLOCK_S": 4, "BLOCK_H": 8,
                                 "BLOCK_R": triton.next_power_of_2(half),
                                 "BLOCK_T": triton.next_power_of_2(max(dim - 2 * half, 1)),
@@ -70,14 +70,14 @@ def cases():
                                 "INTERLEAVED": interleaved, "CONJUGATE": interleaved,
                                 "COPY_TAIL": 2 * half < dim}, 4, 1)
     # Decode: S = 1, one KV head, offsets in a tensor; Triton makes the ones constants.
-    yield ("rope R=128 D=128 decode S=1 Hk=1", rope._rope_kernel, ROPE_TYPES,
+    yield ("rope R=128 D=128 decode S=1 Hk=1", rope.rope_kernel, ROPE_TYPES,
            {"HALF": 64, "D": 128, "BLOCK_S": 1, "BLOCK_H": 8, "BLOCK_R": 64, "BLOCK_T": 1,
             "HAS_POS": False, "HAS_OFFSETS": True, "INTERLEAVED": False, "CONJUGATE": False,
             "COPY_TAIL": False, "S": 1, "Hk": 1, "n_s_blocks": 1, "stride_qd": 1,
             "stride_kd": 1}, 4, 1)
-    kernels = (("fwd", alibi_attention._alibi_attn_fwd, alibi_ops._FWD_CONFIGS),
-               ("dq", alibi_attention_bwd._alibi_attn_bwd_dq, alibi_ops._DQ_CONFIGS),
-               ("dkdv", alibi_attention_bwd._alibi_attn_bwd_dkdv, alibi_ops._DKDV_CONFIGS))
+    kernels = (("fwd", alibi_attention.alibi_fwd_kernel, alibi_configs.FWD_CONFIGS),
+               ("dq", alibi_attention_bwd.alibi_bwd_dq_kernel, alibi_configs.DQ_CONFIGS),
+               ("dkdv", alibi_attention_bwd.alibi_bwd_dkdv_kernel, alibi_configs.DKDV_CONFIGS))
     for name, kernel, configs in kernels:
         # The largest config at D=128 (with the key mask, or packed), the pruned list's first
         # at D=256, and at D=256 in fp32 (IEEE products), whose tiles are twice the bytes.
@@ -89,7 +89,7 @@ def cases():
                     "HAS_KEY_MASK": masked, "IS_VARLEN": varlen, "HAS_DROPOUT": False,
                     "HAS_SLOPE_GRAD": False, "INPUT_PRECISION": "ieee" if fp32 else None,
                     "INTERPRETER": False, **POINTERS, **BWD}
-            pruned = alibi_ops._prune_configs([alibi_ops._config(*c) for c in configs], {},
+            pruned = alibi_configs.prune_configs([alibi_configs.config(*c) for c in configs], {},
                                               kernel=name, **meta)
             config = pruned[0]
             yield (f"alibi {name} D={head_dim} mask={masked} varlen={varlen} fp32={fp32} "
@@ -101,7 +101,7 @@ def cases():
             meta = {"HEAD_DIM": 128, "BLOCK_D": 128, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                     "IS_VARLEN": False, "HAS_DROPOUT": dropout, "HAS_SLOPE_GRAD": slope_grad,
                     "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, **BWD}
-            config = alibi_ops._config(*configs[0])
+            config = alibi_configs.config(*configs[0])
             yield (f"alibi {name} D=128 dropout={dropout} slope_grad={slope_grad} "
                    f"{tuple(config.kwargs.values())}", kernel, ATTN_TYPES,
                    {**meta, **config.kwargs}, config.num_warps, config.num_stages)
@@ -115,7 +115,7 @@ def cases():
 
 
 def decode_cases():
-    """The split-KV decode kernels with the tiles ``alibi_decode._tiles`` picks: GQA decode
+    """The split-KV decode kernels with the tiles ``alibi_decode._split_blocks`` picks: GQA decode
     (Sq = 1, mask and cache lengths), the largest tiles (64 rows at D = 256, bf16 and fp32),
     packed MHA decode with Triton's constant ones, and the merge."""
     import torch
@@ -136,12 +136,12 @@ def decode_cases():
                 **tiles, **extra}
         yield (f"alibi decode split D={head_dim} rows={rows} mask+seqlens={masked} "
                f"varlen={varlen} fp32={fp32} {tuple(tiles.values())}",
-               alibi_decode._alibi_decode_split, ATTN_TYPES_FP32 | types if fp32 else types,
+               alibi_decode.alibi_decode_split_kernel, ATTN_TYPES_FP32 | types if fp32 else types,
                meta, num_warps, num_stages)
     for head_dim in (128, 256):
         meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": decode_ops._MERGE_BLOCK_M,
                 "INTERPRETER": False}
-        yield (f"alibi decode merge D={head_dim}", alibi_decode._alibi_decode_merge,
+        yield (f"alibi decode merge D={head_dim}", alibi_decode.alibi_decode_merge_kernel,
                {"OP": "*fp32", "LP": "*fp32", "O": "*bf16", "LSE": "*fp32"}, meta, 4, 1)
 
 

@@ -38,12 +38,12 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 def set_interpreter_tile(monkeypatch, block_m: int, block_n: int) -> None:
     """Run the attention kernels with a ``block_m x block_n`` tile (the GPU's autotuner picks
     non-square ones); skips the test where the kernels are not interpreted."""
-    from posenc_triton import _backend, alibi_ops
+    from posenc_triton import _backend, alibi_configs
 
     if not _backend.interpreting():
         pytest.skip("sets the interpreter's tile")
-    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_M", block_m)
-    monkeypatch.setitem(alibi_ops._INTERPRETER_META, "BLOCK_N", block_n)
+    monkeypatch.setitem(alibi_configs.INTERPRETER_META, "BLOCK_M", block_m)
+    monkeypatch.setitem(alibi_configs.INTERPRETER_META, "BLOCK_N", block_n)
 
 
 def count_alibi_layer_calls(monkeypatch, calls=None):
@@ -54,7 +54,7 @@ def count_alibi_layer_calls(monkeypatch, calls=None):
     calls, real = ([] if calls is None else calls), _alibi_models.alibi_attention
 
     def counting(*args, **kwargs):
-        if getattr(_alibi_models._PROBE, "calls", None) is None:
+        if getattr(_alibi_models.PROBE, "calls", None) is None:
             calls.append(1)
         return real(*args, **kwargs)
 

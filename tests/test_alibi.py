@@ -27,7 +27,7 @@ from conftest import (
     requires_cuda,
     set_interpreter_tile,
 )
-from posenc_triton import _backend, alibi_decode, alibi_ops
+from posenc_triton import _backend, alibi_decode, alibi_launch
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import alibi_attention_reference
 
@@ -552,7 +552,7 @@ def test_long_key_span(monkeypatch, is_causal, split):
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_every_output_element_written(monkeypatch, layout):
     # out, dq, dk and dv start as NaN: an element a kernel leaves unwritten fails the check.
-    allocate = alibi_ops._empty_bhsd
-    monkeypatch.setattr(alibi_ops, "_empty_bhsd", lambda *a: poison(allocate(*a)))
+    allocate = alibi_launch.empty_bhsd
+    monkeypatch.setattr(alibi_launch, "empty_bhsd", lambda *a: poison(allocate(*a)))
     torch.manual_seed(31)
     _check(_make_qkv(2, 4, 2, 37, 19, 40, torch.float32, layout), layout=layout)

@@ -22,7 +22,7 @@ from conftest import (
     poison,
     requires_cuda,
 )
-from posenc_triton import alibi_decode, alibi_ops
+from posenc_triton import alibi_decode, alibi_launch, alibi_ops
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import (
     alibi_attention_kvcache_reference,
@@ -48,7 +48,7 @@ def _make_qkv(b, hq, hk, sq, sk, d, dtype, layout="bhsd"):
 def split(monkeypatch):
     """``split(size)``: every call of few query rows runs split-KV, ``size`` keys a split;
     returns the list that counts the split path's calls."""
-    calls = count_calls_of(monkeypatch, alibi_decode, "alibi_decode_forward")
+    calls = count_calls_of(monkeypatch, alibi_decode, "launch_alibi_decode")
 
     def configure(size=16):
         monkeypatch.setattr(alibi_decode, "MIN_SEQLEN_K", 0)
@@ -103,9 +103,9 @@ def test_split_sizes_equal_dense(split, size):
     q, k, v = _make_qkv(2, 6, 2, 4, 83, 32, torch.float32)
     slopes = alibi_slopes(6, DEVICE)
     args = (slopes, None, None, None, 0, 0, True, 0.2, "bhsd")
-    dense_out, dense_lse = alibi_ops.alibi_attention_forward(q, k, v, *args)
+    dense_out, dense_lse = alibi_ops.launch_alibi_fwd(q, k, v, *args)
     calls = split(size)
-    out, lse = alibi_ops.alibi_attention_forward(q, k, v, *args)
+    out, lse = alibi_ops.launch_alibi_fwd(q, k, v, *args)
     assert calls
     torch.testing.assert_close(out, dense_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, dense_lse, rtol=1e-5, atol=1e-5)
@@ -190,8 +190,8 @@ def test_packed_with_empty_sequences(split, is_causal):
 def test_every_output_element_written(monkeypatch, split, layout):
     """out, lse and the partials start as NaN: an element left unwritten fails the check."""
     calls = split(16)
-    allocate, workspace = alibi_ops._empty_bhsd, alibi_decode._empty_f32
-    monkeypatch.setattr(alibi_ops, "_empty_bhsd", lambda *a: poison(allocate(*a)))
+    allocate, workspace = alibi_launch.empty_bhsd, alibi_decode._empty_f32
+    monkeypatch.setattr(alibi_launch, "empty_bhsd", lambda *a: poison(allocate(*a)))
     monkeypatch.setattr(alibi_decode, "_empty_f32", lambda *a: poison(workspace(*a)))
     torch.manual_seed(8)
     # causal rows that see a few keys only, so late splits are empty for every row
@@ -232,7 +232,7 @@ def test_use_split_rule_packed():
 def test_dispatch_at_the_real_threshold(monkeypatch):
     """Untouched thresholds: a decode step of 520 keys takes the split path and its
     heuristic splits (several); a 127-key one stays dense."""
-    calls = count_calls_of(monkeypatch, alibi_decode, "alibi_decode_forward")
+    calls = count_calls_of(monkeypatch, alibi_decode, "launch_alibi_decode")
     splits = []
     real = alibi_decode._splits
     monkeypatch.setattr(alibi_decode, "_splits", lambda *a: splits.append(real(*a)) or splits[-1])
@@ -308,8 +308,8 @@ def test_cache_seqlens_is_a_shorter_cache(split):
 
 def test_cache_seqlens_every_element_written(monkeypatch, split):
     split(16)
-    allocate, workspace = alibi_ops._empty_bhsd, alibi_decode._empty_f32
-    monkeypatch.setattr(alibi_ops, "_empty_bhsd", lambda *a: poison(allocate(*a)))
+    allocate, workspace = alibi_launch.empty_bhsd, alibi_decode._empty_f32
+    monkeypatch.setattr(alibi_launch, "empty_bhsd", lambda *a: poison(allocate(*a)))
     monkeypatch.setattr(alibi_decode, "_empty_f32", lambda *a: poison(workspace(*a)))
     torch.manual_seed(13)
     inputs = _make_qkv(3, 4, 4, 2, 45, 24, torch.float16)
@@ -406,7 +406,7 @@ def test_cache_seqlens_error_device():
 @pytest.mark.parametrize("batch,seqlen_q,seqlen_k", [(1, 1, 4096), (4, 16, 3000), (2, 7, 777)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_decode_shapes(monkeypatch, batch, seqlen_q, seqlen_k, dtype):
-    calls = count_calls_of(monkeypatch, alibi_decode, "alibi_decode_forward")
+    calls = count_calls_of(monkeypatch, alibi_decode, "launch_alibi_decode")
     torch.manual_seed(17)
     _check(_make_qkv(batch, 32, 8, seqlen_q, seqlen_k, 128, dtype))
     assert calls

@@ -21,7 +21,7 @@ from conftest import (
     padding_mask,
     requires_cuda,
 )
-from posenc_triton import ALiBiAttention, _backend, alibi_ops
+from posenc_triton import ALiBiAttention, _backend, alibi_launch, alibi_ops
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import alibi_attention_reference, alibi_attention_varlen_reference
 
@@ -151,7 +151,7 @@ def test_p_zero_is_the_plain_path():
     out = alibi_attention(*inputs, dropout_p=0.0)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(out, alibi_attention(*inputs))
-    assert alibi_ops._common_meta(inputs[0], True, False, False, 0.0)["HAS_DROPOUT"] is False
+    assert alibi_launch.common_meta(inputs[0], True, False, False, 0.0)["HAS_DROPOUT"] is False
 
 
 @pytest.mark.filterwarnings("ignore:alibi_attention. cpu tensors run the PyTorch reference")

@@ -1,7 +1,7 @@
 """The TMA paths (sm_90 and later): the tiles each kernel loops over (K/V in the forward and
 dq, Q/dO in dkdv) through tensor descriptors.
 
-On CPU the interpreter runs the descriptor loads when ``alibi_ops._tma_capable`` is patched
+On CPU the interpreter runs the descriptor loads when ``alibi_tma.tma_capable`` is patched
 true; the path must agree with the pointer path there to an output rounding (the same
 arithmetic on the same tiles, rows past ``Sk`` read as 0 either way; the interpreter's fp32
 products may round differently for a transposed operand) and meet the float64 reference's
@@ -16,25 +16,25 @@ import torch
 from test_alibi import LONG_SPAN_SLOPES, _check, _make_qkv
 
 from conftest import DEVICE, fwd_bwd
-from posenc_triton import alibi_decode, alibi_ops
+from posenc_triton import alibi_decode, alibi_ops, alibi_tma
 from posenc_triton.alibi import alibi_attention
 
 
 @pytest.fixture
 def tma(monkeypatch):
-    """Descriptor path on; returns, per ``_tma_descriptors`` call, whether it gave descriptors."""
+    """Descriptor path on; returns, per ``tma_descriptors`` call, whether it gave descriptors."""
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90 or later")
     taken = []
-    real = alibi_ops._tma_descriptors
+    real = alibi_tma.tma_descriptors
 
     def spy(*args):
         descs = real(*args)
         taken.append(descs[0] > 0)
         return descs
 
-    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: True)
-    monkeypatch.setattr(alibi_ops, "_tma_descriptors", spy)
+    monkeypatch.setattr(alibi_tma, "tma_capable", lambda t: True)
+    monkeypatch.setattr(alibi_tma, "tma_descriptors", spy)
     return taken
 
 
@@ -51,13 +51,13 @@ def test_tma_matches_pointer_path(tma, monkeypatch, shape, is_causal, layout):
     inputs = _make_qkv(*shape, torch.bfloat16, layout)
     if DEVICE == "cuda":
         _check(inputs, is_causal=is_causal, layout=layout)
-        monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+        monkeypatch.setattr(alibi_tma, "tma_capable", lambda t: False)
         _check(inputs, is_causal=is_causal, layout=layout)
         assert tma == [True, False]
         return
     with_tma = _forward(inputs, is_causal=is_causal, layout=layout)
     assert tma == [True]
-    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+    monkeypatch.setattr(alibi_tma, "tma_capable", lambda t: False)
     pointers = _forward(inputs, is_causal=is_causal, layout=layout)
     torch.testing.assert_close(with_tma, pointers, atol=1e-2, rtol=0)
 
@@ -74,7 +74,7 @@ def test_tma_dropout_matches_pointer_path(tma, monkeypatch):
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
     monkeypatch.setattr(alibi_ops, "draw_dropout_seed", lambda device: seed)
     with_tma = _forward(inputs, dropout_p=0.3)
-    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+    monkeypatch.setattr(alibi_tma, "tma_capable", lambda t: False)
     pointers = _forward(inputs, dropout_p=0.3)
     assert tma == [True, False]
     torch.testing.assert_close(with_tma, pointers, atol=2e-2, rtol=0)  # the same kept keys
@@ -111,7 +111,7 @@ def test_tma_backward(tma, monkeypatch, shape, is_causal):
     grad_out = torch.randn_like(out)
     run = lambda *t: alibi_attention(*t, is_causal=is_causal, layout="bshd")
     with_tma = fwd_bwd(run, inputs, grad_out)[1]
-    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: False)
+    monkeypatch.setattr(alibi_tma, "tma_capable", lambda t: False)
     if DEVICE == "cuda":  # the autotuner may pick other tiles: the reference's rule
         _check(inputs, is_causal=is_causal, layout="bshd")
         return
@@ -128,15 +128,15 @@ def test_descriptors_in_memory_order(monkeypatch, layout, mode):
     differently, take pointers."""
     _, k, v = _make_qkv(2, 4, 2, 24, 24, 64, torch.bfloat16, layout)
     k, v = (t.transpose(1, 2) if layout == "bshd" else t for t in (k, v))  # as bhsd views
-    got = alibi_ops._tma_view(k)
+    got = alibi_tma.tma_view(k)
     assert got is not None and got[0] == mode
     assert all(a >= b * n for a, b, n in zip(got[2], got[2][1:], got[1].shape[1:]))
     expanded = torch.zeros(1, 1, 24, 64, dtype=torch.bfloat16, device=DEVICE).expand(2, 2, -1, -1)
-    assert alibi_ops._tma_view(expanded) is None
+    assert alibi_tma.tma_view(expanded) is None
     other = v.contiguous() if layout == "bshd" else v.transpose(1, 2).contiguous().transpose(1, 2)
-    monkeypatch.setattr(alibi_ops, "_tma_capable", lambda t: True)
-    assert alibi_ops._tma_descriptors(k, v, 64)[0] == mode
-    assert alibi_ops._tma_descriptors(k, other, 64) == (0, None, None)
+    monkeypatch.setattr(alibi_tma, "tma_capable", lambda t: True)
+    assert alibi_tma.tma_descriptors(k, v, 64, 16)[0] == mode
+    assert alibi_tma.tma_descriptors(k, other, 64, 16) == (0, None, None)
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(4, 0), (0, 4)])
@@ -156,7 +156,7 @@ def test_tma_long_key_span(tma, monkeypatch, is_causal):
     if DEVICE == "cuda":
         pytest.skip("fp32 takes pointer loads on a GPU")
     monkeypatch.setattr(alibi_decode, "use_split", lambda *args: False)  # the dense forward
-    monkeypatch.setattr(alibi_ops, "_tma_eligible",
+    monkeypatch.setattr(alibi_tma, "tma_eligible",
                         lambda q, wrap, varlen, mask: not (wrap or varlen or mask is not None))
     torch.manual_seed(43)
     inputs = _make_qkv(1, 4, 2, 7, 2000, 16, torch.float32)

@@ -23,7 +23,7 @@ from conftest import (
     requires_cuda,
     set_interpreter_tile,
 )
-from posenc_triton import _backend, alibi_ops
+from posenc_triton import _backend, alibi_launch
 from posenc_triton.alibi import alibi_attention, alibi_slopes
 from posenc_triton.reference import alibi_attention_varlen_reference
 
@@ -112,8 +112,8 @@ def test_tile_shapes(monkeypatch, is_causal, block_m, block_n):
 
 
 def test_every_output_element_written(monkeypatch):
-    allocate = alibi_ops._empty_bhsd
-    monkeypatch.setattr(alibi_ops, "_empty_bhsd", lambda *a: poison(allocate(*a)))
+    allocate = alibi_launch.empty_bhsd
+    monkeypatch.setattr(alibi_launch, "empty_bhsd", lambda *a: poison(allocate(*a)))
     torch.manual_seed(45)
     _check(*_packed(LENGTHS, 4, 2, 40, torch.float32), is_causal=False)
 

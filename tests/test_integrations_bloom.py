@@ -124,7 +124,7 @@ def test_model_matches_unpatched_fp32(heads, padding, count_calls):
     inputs, keep = batch_inputs(padding=padding)
     logits, loss, grads = model_step(model, inputs)
     assert not count_calls
-    assert hf.patch_bloom(model) == 2
+    assert len(hf.patched_layers(hf.apply(model))) == 2
     p_logits, p_loss, p_grads = model_step(model, inputs)
     assert len(count_calls) == 2  # one launch per layer; backward runs through autograd
     torch.testing.assert_close(p_logits[keep], logits[keep], rtol=1e-5, atol=1e-5)
@@ -142,7 +142,7 @@ def test_model_kv_cache_chunks_match_full_forward(count_calls):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-        hf.apply_to_bloom(model)
+        hf.apply(model)
         first = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
         second = model(input_ids=ids[:, 7:], attention_mask=mask,
                        past_key_values=first.past_key_values, use_cache=True)
@@ -157,7 +157,7 @@ def test_model_generate_with_kv_cache_matches(count_calls):
     del inputs["labels"]
     kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     want = model.generate(**inputs, **kwargs)
-    assert hf.apply_to_bloom(model) is model
+    assert hf.apply(model) is model
     got = model.generate(**inputs, **kwargs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert len(count_calls) == 3 * 2  # prefill + 2 one-token decode steps, 2 layers
@@ -170,7 +170,7 @@ def test_model_bf16_error_within_2x_of_transformers(count_calls):
     ref = make_model(4)(**inputs).logits.detach()
     model = make_model(4, dtype=torch.bfloat16)
     logits, _, grads = model_step(model, inputs)
-    hf.patch_bloom(model)
+    hf.apply(model)
     p_logits, _, p_grads = model_step(model, inputs)
     assert len(count_calls) == 2
     assert p_logits.dtype == torch.bfloat16
@@ -186,52 +186,47 @@ def test_model_bf16_error_within_2x_of_transformers(count_calls):
 def test_patch_is_per_instance_idempotent_and_unpatches(count_calls):
     model, other = make_model(4), make_model(4)
     inputs, _ = batch_inputs(padding="right")
-    assert hf.patch_bloom(model) == 2
-    assert hf.patch_bloom(model) == 2  # idempotent: not wrapped twice
+    assert len(hf.patched_layers(hf.apply(model))) == 2
+    assert len(hf.patched_layers(hf.apply(model))) == 2  # idempotent: not wrapped twice
     attn = model.transformer.h[0].self_attention
     assert isinstance(attn, modeling_bloom.BloomAttention)
     assert type(attn).__mro__.count(modeling_bloom.BloomAttention) == 1
-    assert hf.patched_bloom_attentions(model) == 2
-    assert hf.patched_bloom_attentions(other) == 0
+    assert len(hf.patched_layers(model)) == 2
+    assert len(hf.patched_layers(other)) == 0
     assert model.state_dict().keys() == other.state_dict().keys()
     buf = io.BytesIO()  # a patched model pickles whole and comes back patched
     torch.save(model, buf)
     buf.seek(0)
-    assert hf.patched_bloom_attentions(torch.load(buf, weights_only=False)) == 2
+    assert len(hf.patched_layers(torch.load(buf, weights_only=False))) == 2
     other(**inputs)
     assert not count_calls  # other instances of the class are untouched
     model(**inputs)
     assert len(count_calls) == 2
-    assert hf.unpatch_bloom(model) == 2
-    assert hf.unpatch_bloom(model) == 0
+    assert hf.unpatch(model) is model and hf.patched_layers(model) == {}
+    hf.unpatch(model)  # a second time: nothing to undo
     assert type(attn) is modeling_bloom.BloomAttention
     assert not hasattr(attn, _alibi_models.FLAG)
     model(**inputs)
     assert len(count_calls) == 2
 
 
-def test_patch_rejects_other_models():
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4))
-    with pytest.raises(ValueError, match="no BloomAttention"):
-        hf.patch_bloom(llama)
+def test_apply_rejects_what_is_not_a_model():
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
-        hf.patch_bloom("bigscience/bloom-560m")
+        hf.apply("bigscience/bloom-560m")
 
 
 def test_fallback_output_attentions_and_dropout(count_calls, monkeypatch):
     model = make_model(4).eval()
     inputs, _ = batch_inputs(padding="left")
     want = model(**inputs, output_attentions=True)
-    hf.patch_bloom(model)
+    hf.apply(model)
     got = model(**inputs, output_attentions=True)  # probabilities requested: original forward
     assert not count_calls
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     for a, b in zip(got.attentions, want.attentions):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     drop = make_model(4, attention_dropout=0.5)
-    hf.patch_bloom(drop)
+    hf.apply(drop)
     monkeypatch.setattr("posenc_triton._backend._WARNED", set())
     with pytest.warns(UserWarning, match="transformers' own attention in training"):
         drop.train()(**inputs)  # dropout on the probabilities: original forward, said once
@@ -251,15 +246,15 @@ def test_fallback_mask_with_holes_and_static_cache(count_calls):
     holes[1, 5] = 0
     with torch.no_grad():
         want = model(input_ids=inputs["input_ids"], attention_mask=holes).logits
-        hf.patch_bloom(model)
+        hf.apply(model)
         got = model(input_ids=inputs["input_ids"], attention_mask=holes).logits
     assert not count_calls
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0,
               "cache_implementation": "static"}
-    hf.unpatch_bloom(model)
+    hf.unpatch(model)
     want = model.generate(**inputs, **kwargs)
-    hf.patch_bloom(model)
+    hf.apply(model)
     got = model.generate(**inputs, **kwargs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert len(count_calls) == 2 * 2  # the 2 decode steps, not the prefill
@@ -269,7 +264,7 @@ def test_check_masks_false_trusts_the_mask(count_calls):
     model = make_model(6)
     inputs, keep = batch_inputs(padding="left")
     logits = model(**inputs).logits.detach()
-    hf.patch_bloom(model, check_masks=False)
+    hf.apply(model, check_masks=False)
     got = model(**inputs).logits.detach()
     assert len(count_calls) == 2
     torch.testing.assert_close(got[keep], logits[keep], rtol=1e-5, atol=1e-5)
@@ -287,7 +282,7 @@ def test_cuda_bigger_model_bf16(padding, count_calls):
         ref = make_model(device="cuda", **big)(**inputs).logits
     model = make_model(device="cuda", dtype=torch.bfloat16, **big)
     logits, loss, grads = model_step(model, inputs)
-    hf.patch_bloom(model)
+    hf.apply(model)
     p_logits, p_loss, p_grads = model_step(model, inputs)
     assert len(count_calls) == 4
     assert max_err(p_logits[keep], ref[keep]) <= 2 * max_err(logits[keep], ref[keep]) + 1e-2
@@ -310,7 +305,7 @@ def test_inference_mode_then_training(count_calls):
     with torch.no_grad():
         want = model(**inputs).logits
     _, loss, grads = model_step(model, inputs)
-    hf.patch_bloom(model)
+    hf.apply(model)
     with torch.inference_mode():
         got = model(**inputs).logits
     assert len(count_calls) == 2
@@ -328,7 +323,7 @@ def test_check_masks_false_under_inference_mode_then_training(count_calls):
     _alibi_checks._SLOPES.clear()
     model = make_model(4)
     inputs, _ = batch_inputs(padding="right")
-    hf.patch_bloom(model, check_masks=False)
+    hf.apply(model, check_masks=False)
     with torch.inference_mode():
         model(**inputs)
     _, loss, _ = model_step(model, inputs)
@@ -343,7 +338,7 @@ def test_verdicts_do_not_outlive_the_forward():
 
     model = make_model(4).eval()
     inputs, _ = batch_inputs(padding="right")
-    hf.patch_bloom(model)
+    hf.apply(model)
     with torch.no_grad():
         model(**inputs)
     gc.collect()

@@ -19,8 +19,9 @@ from transformers.models.mistral import modeling_mistral  # noqa: E402
 from transformers.models.phi3 import modeling_phi3  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
-from posenc_triton.integrations import _rope_dropins  # noqa: E402
+from posenc_triton.integrations import _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
+from posenc_triton.integrations._rope_dropins import fused_apply_rotary_pos_emb  # noqa: E402
 
 HF_APPLY = modeling_llama.apply_rotary_pos_emb  # transformers' own function
 ORIGINALS = {m: m.apply_rotary_pos_emb for m in (modeling_llama, modeling_mistral, modeling_qwen2)}
@@ -28,9 +29,9 @@ ORIGINALS = {m: m.apply_rotary_pos_emb for m in (modeling_llama, modeling_mistra
 
 @pytest.fixture(autouse=True)
 def unpatched():
-    hf.unpatch_rope()
+    _rope_patch.restore_all()
     yield
-    hf.unpatch_rope()
+    _rope_patch.restore_all()
     for mod, fn in ORIGINALS.items():
         assert mod.apply_rotary_pos_emb is fn
 
@@ -61,7 +62,7 @@ def qk(b, s, hq, hk, d, unsqueeze_dim, dtype=torch.float32):
 
 
 def compare_with(fn, q, k, cos, sin, rtol, atol, **kwargs):
-    got = hf.fused_apply_rotary_pos_emb(q, k, cos, sin, **kwargs)
+    got = fused_apply_rotary_pos_emb(q, k, cos, sin, **kwargs)
     want = fn(q, k, cos, sin, **kwargs)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype
@@ -91,8 +92,8 @@ def test_fused_positional_unsqueeze_dim_and_position_ids():
     q, k = qk(2, 5, 2, 1, 8, 2)
     cos, sin = hf_tables(2, 5, 8)
     want = HF_APPLY(q, k, cos, sin, unsqueeze_dim=2)
-    for got in (hf.fused_apply_rotary_pos_emb(q, k, cos, sin, 2),
-                hf.fused_apply_rotary_pos_emb(q, k, cos, sin, torch.arange(5), unsqueeze_dim=2)):
+    for got in (fused_apply_rotary_pos_emb(q, k, cos, sin, 2),
+                fused_apply_rotary_pos_emb(q, k, cos, sin, torch.arange(5), unsqueeze_dim=2)):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
 
@@ -121,7 +122,7 @@ def test_fused_calls_apply_rope_once_and_paths(count_calls):
 
 
 def compare_with_no_grad(q, k, cos, sin, **kwargs):
-    got = hf.fused_apply_rotary_pos_emb(q, k, cos, sin, **kwargs)
+    got = fused_apply_rotary_pos_emb(q, k, cos, sin, **kwargs)
     want = HF_APPLY(q, k, cos, sin, **kwargs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -131,13 +132,13 @@ def test_fused_dtype_promotion_and_cos_gradients():
     # transformers promotes bf16 q with fp32 cos to fp32; and gives cos/sin gradients.
     q, k = qk(2, 5, 2, 2, 8, 1, torch.bfloat16)
     cos, sin = hf_tables(1, 5, 8)
-    got = hf.fused_apply_rotary_pos_emb(q, k, cos, sin)
+    got = fused_apply_rotary_pos_emb(q, k, cos, sin)
     want = HF_APPLY(q, k, cos, sin)
     assert got[0].dtype == want[0].dtype == torch.float32
     torch.testing.assert_close(got[0], want[0])
     cos.requires_grad_(), sin.requires_grad_()
     q32, k32 = (t.detach().float().requires_grad_() for t in (q, k))
-    got = hf.fused_apply_rotary_pos_emb(q32, k32, cos, sin)
+    got = fused_apply_rotary_pos_emb(q32, k32, cos, sin)
     want = HF_APPLY(q32, k32, cos, sin)
     g_got = torch.autograd.grad(sum(t.sum() for t in got), (cos, sin))
     g_want = torch.autograd.grad(sum(t.sum() for t in want), (cos, sin))
@@ -162,7 +163,7 @@ def test_fused_errors(case, match):
         cos, sin = cos[..., :7], sin[..., :7]
     kwargs = {"unsqueeze_dim": 0} if case == "unsqueeze0" else {}
     with pytest.raises(ValueError, match=match):
-        hf.fused_apply_rotary_pos_emb(q[0] if case == "q3d" else q,
+        fused_apply_rotary_pos_emb(q[0] if case == "q3d" else q,
                                       k[:, :, :4] if case == "kshape" else k, cos, sin, **kwargs)
 
 
@@ -174,7 +175,7 @@ def test_torch_compile_traces_fused():
     sliced = torch.randn(b, s + 2, 3, 16, device=DEVICE)[:, 2:].transpose(1, 2).requires_grad_()
 
     def step(q, k):
-        q_out, k_out = hf.fused_apply_rotary_pos_emb(q, k, cos, sin)
+        q_out, k_out = fused_apply_rotary_pos_emb(q, k, cos, sin)
         return q_out.square().sum() + k_out.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -188,56 +189,21 @@ def test_torch_compile_traces_fused():
 # ---- patching ---------------------------------------------------------------------------
 
 
-def test_patch_unpatch_default_modules_idempotent():
-    names = hf.patch_rope()
-    assert names == list(hf.DEFAULT_MODULES)
-    for mod in ORIGINALS:
-        assert mod.apply_rotary_pos_emb is hf.fused_apply_rotary_pos_emb
-    assert hf.patch_rope() == names  # idempotent: originals are still the real ones
-    assert hf.patched_modules() == names
-    assert hf.unpatch_rope(modeling_mistral) == [modeling_mistral.__name__]
-    assert modeling_mistral.apply_rotary_pos_emb is ORIGINALS[modeling_mistral]
-    assert modeling_llama.apply_rotary_pos_emb is hf.fused_apply_rotary_pos_emb
-    assert sorted(hf.unpatch_rope()) == sorted([modeling_llama.__name__, modeling_qwen2.__name__])
-    for mod, fn in ORIGINALS.items():
-        assert mod.apply_rotary_pos_emb is fn
-    assert hf.unpatch_rope() == [] and hf.patched_modules() == []
-
-
-def test_patch_by_name_and_incompatible_module():
-    assert hf.patch_rope("transformers.models.phi3.modeling_phi3") == [modeling_phi3.__name__]
-    hf.unpatch_rope("transformers.models.phi3.modeling_phi3")
-    # Cohere's function shares the name but rotates interleaved pairs: refused, not patched.
-    from transformers.models.cohere import modeling_cohere
-
-    before = modeling_cohere.apply_rotary_pos_emb
-    with pytest.raises(ValueError, match=r"modeling_cohere\.apply_rotary_pos_emb: it does not"):
-        hf.patch_rope(modeling_cohere)
-    assert modeling_cohere.apply_rotary_pos_emb is before
-    with pytest.raises(TypeError, match="patch_rope/unpatch_rope take"):
-        hf.patch_rope(42)
-
-
-def tiny_unsupported(name):
-    if name == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
-    return transformers.BloomForCausalLM(transformers.BloomConfig(
-        n_layer=1, n_head=2, hidden_size=16, vocab_size=32))
-
-
-@pytest.mark.parametrize("name, cls", [("gpt2", "GPT2LMHeadModel"),
-                                       ("bloom", "BloomForCausalLM")])
-def test_unsupported_model_raises(name, cls):
-    with pytest.raises(ValueError, match=f"cannot patch RoPE into {cls}: no module"):
-        hf.patch_rope(tiny_unsupported(name))
-    assert hf.patched_modules() == []
+def test_unsupported_model_raises():
+    # GPT-2's learned absolute positions: nothing to fuse, refused with the supported list.
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match=r"cannot patch GPT2LMHeadModel \(model_type='gpt2'\)"
+                                         r"; supported model types: .*llama"):
+        hf.apply(model)
+    assert hf.patched_layers(model) == {}
 
 
 def test_missing_transformers_names_extra(monkeypatch):
+    model = make_model("llama")
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install 'posenc-triton\[hf\]'"):
-        hf.patch_rope()
+        hf.apply(model)
 
 
 def test_import_does_not_import_transformers():
@@ -296,8 +262,9 @@ def batch_inputs(batch=2, seqlen=12, vocab=128, device=DEVICE, left_pad=False):
 def check_model(model, inputs, count_calls, rtol=1e-5, atol=1e-5):
     logits, loss, grads = model_step(model, inputs)
     assert not count_calls
-    patched = hf.patch_rope(model)
-    assert patched == [type(model).__module__]
+    hf.apply(model)
+    layers = hf.patched_layers(model).values()
+    assert list(layers) == [["rope/rotate_half"]] * model.config.num_hidden_layers
     p_logits, p_loss, p_grads = model_step(model, inputs)
     # The patch is live: one fused launch per layer (the backward runs through autograd).
     assert len(count_calls) == model.config.num_hidden_layers
@@ -307,7 +274,7 @@ def check_model(model, inputs, count_calls, rtol=1e-5, atol=1e-5):
     for name in grads:
         torch.testing.assert_close(p_grads[name], grads[name], rtol=rtol, atol=atol,
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
-    assert hf.unpatch_rope(model) == patched
+    assert hf.patched_layers(hf.unpatch(model)) == {}
 
 
 @pytest.mark.parametrize("kind", ["llama3-scaling", "linear-scaling"])  # plain: models test
@@ -320,11 +287,11 @@ def test_model_left_padding_position_ids(count_calls):
     check_model(make_model("llama"), batch_inputs(batch=3, left_pad=True), count_calls)
 
 
-def test_model_sdpa_and_apply_to_llama(count_calls):
+def test_model_sdpa(count_calls):
     model = make_model("llama", attn_implementation="sdpa")
     inputs = batch_inputs(left_pad=True)
     logits = model(**inputs).logits
-    assert hf.apply_to_llama(model) is model
+    assert hf.apply(model) is model
     torch.testing.assert_close(model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
     assert len(count_calls) == 2
 
@@ -335,7 +302,7 @@ def test_model_generate_with_kv_cache_matches(count_calls):
     del inputs["labels"], inputs["position_ids"]  # generate derives them from the mask
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     want = model.generate(**inputs, **kwargs)
-    hf.patch_rope(model)
+    hf.apply(model)
     got = model.generate(**inputs, **kwargs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert len(count_calls) == 4 * model.config.num_hidden_layers  # prefill + 3 decode steps
@@ -353,7 +320,7 @@ def test_model_bf16_at_least_as_accurate(count_calls):
     ref = model32(**inputs).logits
     model = make_model("mistral", dtype=torch.bfloat16)
     logits, _, grads = model_step(model, inputs)
-    hf.patch_rope(model)
+    hf.apply(model)
     p_logits, _, p_grads = model_step(model, inputs)
     assert len(count_calls) == 2
     assert p_logits.dtype == torch.bfloat16
@@ -379,7 +346,7 @@ def test_cuda_bigger_model_bf16(kind, count_calls):
         ref = model32(**inputs).logits
     model = make_model(kind, device="cuda", dtype=torch.bfloat16, **big)
     logits, loss, grads = model_step(model, inputs)
-    hf.patch_rope(model)
+    hf.apply(model)
     p_logits, p_loss, p_grads = model_step(model, inputs)
     assert len(count_calls) == 4
     assert max_err(p_logits, ref) <= 1.5 * max_err(logits, ref) + 1e-2
@@ -394,7 +361,7 @@ def test_cuda_fp32_model_matches():
     model = make_model("llama", device="cuda")
     inputs = batch_inputs(device="cuda", left_pad=True)
     logits, _, grads = model_step(model, inputs)
-    hf.patch_rope(model)
+    hf.apply(model)
     p_logits, _, p_grads = model_step(model, inputs)
     torch.testing.assert_close(p_logits, logits, rtol=1e-5, atol=1e-5)
     for name in grads:
@@ -415,12 +382,12 @@ def test_cuda_graph_capture_fused(sliced):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up (Triton compile) outside the capture
-        hf.fused_apply_rotary_pos_emb(q, k, cos, sin)
+        fused_apply_rotary_pos_emb(q, k, cos, sin)
     torch.cuda.current_stream().wait_stream(stream)
     _rope_dropins._ROWS_CACHE.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        q_out, k_out = hf.fused_apply_rotary_pos_emb(q, k, cos, sin)
+        q_out, k_out = fused_apply_rotary_pos_emb(q, k, cos, sin)
     assert not _rope_dropins._ROWS_CACHE
     graph.replay()
     torch.cuda.synchronize()

@@ -25,7 +25,7 @@ def fresh_probes():
     yield
     _alibi_patch._PROBED.clear()
     _rope_patch._PROBED.clear()
-    _rope_patch.restore({name for name, _ in _rope_patch._ORIGINALS})
+    _rope_patch.restore_all()
 
 
 def snapshot(model):

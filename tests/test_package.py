@@ -94,3 +94,113 @@ def test_environment_says_cuda_is_only_the_build_without_a_gpu():
     env = common.environment(torch.float32)
     if not torch.cuda.is_available():
         assert env["gpu"].startswith("none") and env["cuda"].startswith("none")
+
+
+# ------------------------------------------------------------------------------------------
+# The tree: imports run one way, and no module reaches into another's private names
+# ------------------------------------------------------------------------------------------
+
+import ast  # noqa: E402
+import pathlib  # noqa: E402
+
+PACKAGES = {"posenc_triton": pathlib.Path(ROOT, "posenc_triton"),
+            "posenc_triton.kernels": pathlib.Path(ROOT, "kernels")}
+
+
+def _modules() -> dict:
+    """``{dotted name: (path, ast tree)}`` of every module of ``posenc_triton/`` and
+    ``kernels/`` (as ``posenc_triton.kernels``)."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            if parts[-1] == "__init__":
+                name = name.rsplit(".", 1)[0]
+            found[name] = (path, ast.parse(path.read_text(), str(path)))
+    return found
+
+
+def _imports(name: str, path: pathlib.Path, tree: ast.AST, modules: dict):
+    """``(target module, imported name or None, node)`` for every import in ``tree``, at
+    module level or inside functions; a ``from package import module`` targets the module."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules:
+                    yield alias.name, None, node
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1],
+                                 *([base] if base else [])])
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                if sub in modules:
+                    yield sub, None, node
+                elif base in modules:
+                    yield base, alias.name, node
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: sorted({target for target, _, _ in _imports(name, *modules[name], modules)
+                           if target != name}) for name in modules}
+    state, stack = {}, []
+
+    def visit(name):
+        state[name] = "open"
+        stack.append(name)
+        for target in graph[name]:
+            if state.get(target) == "open":
+                cycle = [*stack[stack.index(target):], target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def _private_uses(name, path, tree, modules):
+    """``"module:line name"`` for each underscore name of another of our modules that
+    ``name`` imports or reads as an attribute of an imported module."""
+    aliases = {}  # local name -> our module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for target, imported, _ in _imports(name, path, ast.Module([node], []), modules):
+                if imported is not None and imported.startswith("_") and target != name:
+                    yield f"{name}:{node.lineno} from {target} import {imported}"
+            for alias in node.names:
+                full = (alias.name if isinstance(node, ast.Import) else
+                        next((t for t, i, _ in _imports(name, path, ast.Module([node], []),
+                                                          modules) if i is None
+                              and t.endswith("." + alias.name)), None))
+                if full in modules and (alias.asname or isinstance(node, ast.ImportFrom)):
+                    aliases[alias.asname or alias.name] = full
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases and node.attr.startswith("_")
+                and not node.attr.startswith("__") and aliases[node.value.id] != name
+                and f"{aliases[node.value.id]}.{node.attr}" not in modules):
+            yield f"{name}:{node.lineno} {aliases[node.value.id]}.{node.attr}"
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    # Private modules (_checks, _backend) are fine to import; their private names are not.
+    # Inside kernels/, the @triton.jit device helpers are shared between the kernel files.
+    modules = _modules()
+    found = [use for name in modules if not name.startswith("posenc_triton.kernels")
+             for use in _private_uses(name, *modules[name], modules)]
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+def test_modules_stay_readable():
+    long = {name: n for name, (path, _) in _modules().items()
+            if not name.startswith("posenc_triton.kernels")
+            and (n := len(path.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines: {long}"

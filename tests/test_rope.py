@@ -7,7 +7,7 @@ import posenc_triton
 from conftest import DEVICE, assert_close, poison, requires_cuda
 from posenc_triton import reference
 from posenc_triton import rope as rope_module
-from posenc_triton.rope_ops import rope_forward
+from posenc_triton.rope_ops import launch_rope
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -177,7 +177,7 @@ def test_launcher_writes_every_element():
     q, k = make((b, s, hq, d), torch.float32, requires_grad=False), make(
         (b, s, hk, d), torch.float32, requires_grad=False)
     q_out, k_out = poison(torch.empty_like(q)), poison(torch.empty_like(k))
-    rope_forward(q_out, k_out, q, k, cos, sin, None, None, 0, False, False)
+    launch_rope(q_out, k_out, q, k, cos, sin, None, None, 0, False, False)
     q_ref, k_ref = reference.apply_rope_reference(q.double(), k.double(), cos, sin)
     assert_close(q_out, q_ref)
     assert_close(k_out, k_ref)
@@ -190,7 +190,7 @@ def test_position_past_table_reads_nan_in_kernel():
     q = make((1, 4, 2, 32), torch.float32, requires_grad=False)
     q_out = torch.zeros_like(q)
     pos = torch.tensor([[0, 15, 16, 1000]], device=DEVICE)
-    rope_forward(q_out, None, q, None, cos, sin, pos, None, 0, False, False)
+    launch_rope(q_out, None, q, None, cos, sin, pos, None, 0, False, False)
     assert torch.isfinite(q_out[:, :2]).all()
     assert torch.isnan(q_out[:, 2:]).all()
 

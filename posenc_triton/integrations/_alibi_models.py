@@ -80,12 +80,12 @@ from posenc_triton.integrations._hf import modeling
 __all__ = ["FAMILIES", "Convention", "Family"]
 
 FLAG = "_posenc_check_masks"  # instance attribute set by patch_alibi
-_PROBE = threading.local()  # .calls: a list while _alibi_patch probes a drop-in
+PROBE = threading.local()  # .calls: a list while _alibi_patch probes a drop-in
 
 
 def _attention(*args, **kwargs) -> torch.Tensor:
     """:func:`alibi_attention`, counted while a probe watches (the fused path ran)."""
-    calls = getattr(_PROBE, "calls", None)
+    calls = getattr(PROBE, "calls", None)
     if calls is not None:
         calls.append(1)
     return alibi_attention(*args, **kwargs)

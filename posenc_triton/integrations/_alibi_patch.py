@@ -130,13 +130,13 @@ def _run_probe(family: Family, cls: type, conv: Convention, cfg) -> Optional[str
         fused = _fused_class(cls, family, conv)
         for m in layers:
             m.__class__ = fused
-        models._PROBE.calls = calls = []
+        models.PROBE.calls = calls = []
         try:
             got = run()
         except Exception as e:
             return f"the drop-in for {conv.name!r} raised {type(e).__name__}: {e}"
         finally:
-            models._PROBE.calls = None
+            models.PROBE.calls = None
             for m in layers:
                 m.__class__ = cls
     if len(calls) != 2 * len(layers):

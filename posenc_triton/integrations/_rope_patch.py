@@ -221,6 +221,11 @@ def restore(module_names, function: Optional[str] = None) -> list[str]:
     return restored
 
 
+def restore_all() -> list[str]:
+    """Every original back, in every module patched so far; returns the module names."""
+    return restore({name for name, _ in _ORIGINALS})
+
+
 def patched_rope_layers(model: torch.nn.Module, rotates: Optional[Callable] = None
                         ) -> dict[str, list[str]]:
     """``{layer path: [kind names]}`` of the layers whose forward now calls a drop-in."""

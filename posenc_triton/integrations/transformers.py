@@ -21,8 +21,7 @@ from model type to *patch kinds*:
 
 After :func:`apply`, every layer :func:`patched_layers` lists runs the kernel (the tests count
 the launches per layer); a model type outside the table is refused with a ValueError listing
-the supported ones. The older entry points (:func:`patch_rope`, :func:`apply_to_llama`,
-:func:`patch_bloom`, :func:`apply_to_bloom`, ...) keep working.
+the supported ones.
 
 transformers is an optional extra (``pip install 'posenc-triton[hf]'``), imported only when a
 patch function runs (:mod:`._hf`).
@@ -30,35 +29,17 @@ patch function runs (:mod:`._hf`).
 
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 from typing import Callable, Union
 
 import torch
 
 from posenc_triton.integrations import _alibi_patch, _rope_patch
-from posenc_triton.integrations._hf import modeling, require_transformers
-from posenc_triton.integrations._rope_dropins import fused_apply_rotary_pos_emb
+from posenc_triton.integrations._hf import require_transformers
 from posenc_triton.integrations._rope_patch import KINDS
 
-__all__ = [
-    "ARCHITECTURES",
-    "DEFAULT_MODULES",
-    "apply",
-    "apply_to_bloom",
-    "apply_to_llama",
-    "fused_apply_rotary_pos_emb",
-    "patch_bloom",
-    "patch_rope",
-    "patched_bloom_attentions",
-    "patched_layers",
-    "patched_modules",
-    "supported_model_types",
-    "unpatch",
-    "unpatch_bloom",
-    "unpatch_rope",
-]
+__all__ = ["ARCHITECTURES", "ROPE_LAYERS", "apply", "patched_layers", "supported_model_types",
+           "unpatch"]
 
 
 def _deepseek(config) -> tuple[str, ...]:
@@ -209,155 +190,3 @@ def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     rope = _rope_patch.patched_rope_layers(model, ROPE_LAYERS.get(model_type))
     return {**rope, **_alibi_patch.patched_alibi_layers(model)}
-
-
-# ----------------------------------------------------------------------------------------
-# The module-level RoPE API (rotate-half only): patch_rope / unpatch_rope / apply_to_llama
-# ----------------------------------------------------------------------------------------
-
-#: Modeling modules patched by ``patch_rope()`` with no argument.
-DEFAULT_MODULES = (
-    "transformers.models.llama.modeling_llama",
-    "transformers.models.mistral.modeling_mistral",
-    "transformers.models.qwen2.modeling_qwen2",
-)
-_FUNC_NAME = "apply_rotary_pos_emb"
-
-
-def _modules_of(target) -> tuple[list[types.ModuleType], str, bool]:
-    """``(modules, description, from_model)`` for a patch/unpatch target."""
-    if target is None:
-        return [modeling(n) for n in DEFAULT_MODULES], "the default modules", False
-    if isinstance(target, str):
-        return [modeling(target)], repr(target), False
-    if isinstance(target, types.ModuleType):
-        return [target], repr(target.__name__), False
-    if isinstance(target, torch.nn.Module):
-        seen: dict[str, types.ModuleType] = {}
-        for sub in target.modules():
-            name = type(sub).__module__
-            mod = sys.modules.get(name)
-            if mod is not None and name not in seen:
-                seen[name] = mod
-        return list(seen.values()), type(target).__name__, True
-    if isinstance(target, (list, tuple)):
-        mods: list[types.ModuleType] = []
-        for t in target:
-            if not isinstance(t, (str, types.ModuleType)):
-                raise TypeError(f"a list target must hold module names or modules, got "
-                                f"{type(t).__name__}")
-            mods += _modules_of(t)[0]
-        return mods, repr([getattr(m, "__name__", m) for m in mods]), False
-    raise TypeError(f"patch_rope/unpatch_rope take None, a torch.nn.Module, a module or a module "
-                    f"name, got {type(target).__name__}")
-
-
-def patch_rope(model_or_module=None) -> list[str]:
-    """Make transformers' attention use :func:`fused_apply_rotary_pos_emb` (rotate-half).
-
-    Args:
-        model_or_module: a model instance (every modeling module of its submodules' classes
-            that defines ``apply_rotary_pos_emb`` is patched); a modeling module or its dotted
-            name, or a list of them; or None for Llama, Mistral and Qwen2
-            (:data:`DEFAULT_MODULES`). :func:`apply` covers the other RoPE variants.
-
-    Returns:
-        The names of the patched modules (already patched ones included: idempotent).
-
-    Raises:
-        ImportError: transformers is not installed (the ``hf`` extra).
-        ValueError: the model's modules have no ``apply_rotary_pos_emb`` (ALiBi or learned
-            positions: BLOOM, GPT-2, ...), or theirs computes something else (interleaved,
-            single-tensor variants); the message names the module and reason. A model
-            instance with both kinds gets the compatible ones patched and a warning.
-    """
-    require_transformers()
-    modules, what, from_model = _modules_of(model_or_module)
-    candidates = [m for m in modules if hasattr(m, _FUNC_NAME)]
-    if not candidates:
-        names = ", ".join(m.__name__ for m in modules) or "none"
-        raise ValueError(
-            f"cannot patch RoPE into {what}: no module defining its classes ({names}) has an "
-            f"{_FUNC_NAME} function. patch_rope supports models that rotate q and k with "
-            f"Llama's {_FUNC_NAME} (Llama, Mistral, Qwen2, ...); models with ALiBi (BLOOM) or "
-            f"learned absolute positions (GPT-2) have nothing to patch")
-    if from_model and getattr(getattr(model_or_module, "config", None), "model_type",
-                              None) in ARCHITECTURES:
-        model_type, kinds = _kinds(model_or_module)
-        if "rope/rotate_half" not in kinds:
-            # e.g. DeepSeek-V3 defines apply_rotary_pos_emb but rotates with
-            # apply_rotary_pos_emb_interleave: patching it would report a patch that never runs.
-            raise ValueError(f"cannot patch RoPE into {what}: its {model_type} layers do not "
-                             f"rotate with the rotate-half {_FUNC_NAME} ({', '.join(kinds)}); "
-                             f"use posenc_triton.integrations.transformers.apply(model)")
-    kind = KINDS["rotate_half"]
-    good, bad = [], []
-    for mod in candidates:
-        reason = _rope_patch.probe(kind, _rope_patch.original(mod, _FUNC_NAME))
-        (good if reason is None else bad).append((mod, reason))
-    if bad and (not good or not from_model):
-        detail = "; ".join(f"{m.__name__}.{_FUNC_NAME}: {r}" for m, r in bad)
-        raise ValueError(f"cannot patch RoPE into {what}: {detail}")
-    for mod, reason in bad:
-        warnings.warn(f"patch_rope({what}): left {mod.__name__}.{_FUNC_NAME} unpatched: {reason}",
-                      stacklevel=2)
-    _rope_patch.install([(mod, kind) for mod, _ in good])
-    return [mod.__name__ for mod, _ in good]
-
-
-def unpatch_rope(model_or_module=None) -> list[str]:
-    """Restore the original ``apply_rotary_pos_emb`` where a drop-in replaced it.
-
-    ``model_or_module`` as for :func:`patch_rope`, except that None restores every module
-    patched so far (not only the defaults). Returns the names of the modules restored.
-    """
-    if model_or_module is None:
-        names = {n for n, fn in _rope_patch._ORIGINALS if fn == _FUNC_NAME}
-    else:
-        names = {m.__name__ for m in _modules_of(model_or_module)[0]}
-    return _rope_patch.restore(names, _FUNC_NAME)
-
-
-def patched_modules() -> list[str]:
-    """Names of the modules whose ``apply_rotary_pos_emb`` is currently the fused one."""
-    return [n for n, fn in _rope_patch._ORIGINALS if fn == _FUNC_NAME
-            and getattr(sys.modules.get(n), fn, None) is fused_apply_rotary_pos_emb]
-
-
-def apply_to_llama(model):
-    """``patch_rope(model)``, returning ``model`` (for ``model = apply_to_llama(model)``)."""
-    patch_rope(model)
-    return model
-
-
-# ----------------------------------------------------------------------------------------
-# The BLOOM API: patch_bloom / unpatch_bloom / apply_to_bloom
-# ----------------------------------------------------------------------------------------
-
-
-def patch_bloom(model: torch.nn.Module, *, check_masks: bool = True) -> int:
-    """Run the attention of every ``BloomAttention`` in ``model`` through the ALiBi kernel
-    (per instance; see :mod:`._alibi_models`). Returns the number of patched layers
-    (idempotent; a repeated call updates ``check_masks``).
-
-    Raises ImportError without transformers, TypeError for a non-module, ValueError when the
-    model has no ``BloomAttention`` layer (:func:`apply` handles rotary models).
-    """
-    require_transformers()
-    return _alibi_patch.patch_alibi(model, "bloom", check_masks=check_masks)
-
-
-def unpatch_bloom(model: torch.nn.Module) -> int:
-    """Give every patched ALiBi layer of ``model`` its original class; returns how many."""
-    return _alibi_patch.unpatch_alibi(model)
-
-
-def patched_bloom_attentions(model: torch.nn.Module) -> int:
-    """How many ALiBi layers of ``model`` currently run the fused kernel."""
-    return len(_alibi_patch.patched_alibi_layers(model))
-
-
-def apply_to_bloom(model: torch.nn.Module, *, check_masks: bool = True) -> torch.nn.Module:
-    """``patch_bloom(model)``, returning ``model`` (for ``model = apply_to_bloom(model)``)."""
-    patch_bloom(model, check_masks=check_masks)
-    return model
