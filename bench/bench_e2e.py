@@ -8,12 +8,11 @@ Models from transformers, built from a config with random weights (seed 0), bf16
 (dropout is 0 in both configs), batch 4 of 2048 random tokens, labels = inputs:
 
 * llama: ``LlamaForCausalLM``, 12 layers, hidden 1024, 16 heads, 4 KV heads, intermediate
-  2816, vocab 32000, ``attn_implementation="sdpa"``. Patched: ``patch_rope(model)`` (the fused
-  RoPE kernel as ``apply_rotary_pos_emb``), undone by ``unpatch_rope`` afterwards.
+  2816, vocab 32000, ``attn_implementation="sdpa"``. Patched: ``apply(model)`` (the fused
+  RoPE kernel as ``apply_rotary_pos_emb``), undone by ``unpatch(model)`` afterwards.
 * bloom: ``BloomForCausalLM``, 12 layers, hidden 1024, 16 heads, vocab 32000, eager attention
-  (its ALiBi bias materialised in every layer). Patched: ``apply_to_bloom(model)`` (attention
-  through ``posenc_triton.alibi_attention``), undone by ``unpatch_bloom``; "n/a" where the
-  installed integration has no ``apply_to_bloom``.
+  (its ALiBi bias materialised in every layer). Patched: ``apply(model)`` (attention
+  through ``posenc_triton.alibi_attention``), undone by ``unpatch(model)``.
 
 Each column builds its own model from the same seed (so the same weights), the unpatched one
 first. Before timing, both compute the loss of one batch and its gradients; the patched loss
@@ -47,7 +46,7 @@ DTYPE = torch.bfloat16
 IMPLS = ["unpatched", "patched"]
 LOSS_TOLERANCE = 1e-2  # |patched loss - unpatched loss| / unpatched loss
 # Worst |g - g_unpatched| / |g_unpatched| over parameters. bf16 rounding alone gave 2.2e-2
-# (layer 0's k_proj; the Llama config at B1 S1024 on CPU, where patch_rope runs the fp32
+# (layer 0's k_proj; the Llama config at B1 S1024 on CPU, where apply() runs the fp32
 # reference); RoPE without any rotation gives about 0.8.
 GRAD_TOLERANCE = 1e-1
 WARMUP, STEPS = 3, 20
@@ -119,12 +118,7 @@ def patchers(case: Case):
         from posenc_triton.integrations import transformers as integration
     except ImportError as exc:
         return f"n/a ({exc})"
-    if case.family == "llama":
-        return integration.apply_to_llama, integration.unpatch_rope
-    apply = getattr(integration, "apply_to_bloom", None)
-    if apply is None:
-        return "n/a (apply_to_bloom missing)"
-    return apply, integration.unpatch_bloom
+    return integration.apply, integration.unpatch
 
 
 def check(row: dict, model, ids, base: dict) -> None:

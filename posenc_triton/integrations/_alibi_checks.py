@@ -119,7 +119,7 @@ def mask_value_check(mask, visible, expected):
     return torch.where(visible, mask == expected, mask <= low).all()
 
 
-def plain(module, training_dropout: float, verify: bool, **flags) -> bool:
+def must_fall_back(module, training_dropout: float, verify: bool, **flags) -> bool:
     """Whether a layer must run transformers' own forward before looking at its tensors."""
     dropout = module.training and training_dropout > 0
     if dropout:

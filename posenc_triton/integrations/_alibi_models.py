@@ -72,7 +72,7 @@ from posenc_triton.integrations._alibi_checks import (
     key_position_check,
     mask_value_check,
     model_slopes,
-    plain,
+    must_fall_back,
     verdict,
 )
 from posenc_triton.integrations._hf import modeling
@@ -120,11 +120,12 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     num_heads, head_dim = self.num_heads, self.head_dim
     verify = getattr(self, FLAG, True)
     ok = False
-    if not plain(self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
-                  head_mask=kwargs.get("head_mask") is not None, beta=self.beta != 1.0,
-                  empty=seqlen_q == 0,
-                  mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4,
-                  alibi=not isinstance(alibi, torch.Tensor) or alibi.dim() != 3):
+    if not must_fall_back(
+            self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
+            head_mask=kwargs.get("head_mask") is not None, beta=self.beta != 1.0,
+            empty=seqlen_q == 0,
+            mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4,
+            alibi=not isinstance(alibi, torch.Tensor) or alibi.dim() != 3):
         seqlen_k = attention_mask.shape[-1]
         if (tuple(attention_mask.shape) in ((batch, 1, seqlen_q, seqlen_k),
                                             (batch, num_heads, seqlen_q, seqlen_k))
@@ -190,11 +191,12 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
     batch, seqlen_q, _ = hidden_states.shape
     verify = getattr(self, FLAG, True)
     ok = False
-    if not plain(self, attn.attn_dropout_p, verify, attentions=output_attentions,
-                  empty=seqlen_q == 0,
-                  mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
-                  or attention_mask.dtype != torch.bool,
-                  bias=not isinstance(position_bias, torch.Tensor) or position_bias.dim() != 3):
+    if not must_fall_back(
+            self, attn.attn_dropout_p, verify, attentions=output_attentions,
+            empty=seqlen_q == 0,
+            mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+            or attention_mask.dtype != torch.bool,
+            bias=not isinstance(position_bias, torch.Tensor) or position_bias.dim() != 3):
         seqlen_k = attention_mask.shape[-1]
         if (tuple(attention_mask.shape) == (batch, 1, seqlen_q, seqlen_k)
                 and position_bias.shape[:2] == (attn.n_heads, 1)
@@ -253,10 +255,11 @@ def _falcon_alibi_forward(self, hidden_states, alibi, attention_mask, position_i
     num_heads, head_dim = self.num_heads, self.head_dim
     verify = getattr(self, FLAG, True)
     ok = False
-    if not plain(self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
-                  empty=seqlen_q == 0, alibi=not isinstance(alibi, torch.Tensor),
-                  mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
-                  or not attention_mask.is_floating_point()):
+    if not must_fall_back(
+            self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
+            empty=seqlen_q == 0, alibi=not isinstance(alibi, torch.Tensor),
+            mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+            or not attention_mask.is_floating_point()):
         seqlen_k = attention_mask.shape[-1]
         if (tuple(attention_mask.shape) == (batch, num_heads, seqlen_q, seqlen_k)
                 and alibi.numel() == batch * num_heads * seqlen_k and seqlen_k >= seqlen_q):
@@ -314,7 +317,7 @@ def _falcon_folded_forward(self, hidden_states, attention_mask, position_ids=Non
     num_heads, head_dim = self.num_heads, self.head_dim
     verify = getattr(self, FLAG, True)
     ok = False
-    if self.config.alibi and not plain(
+    if self.config.alibi and not must_fall_back(
             self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
             empty=seqlen_q == 0,
             mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4

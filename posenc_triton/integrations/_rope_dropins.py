@@ -10,7 +10,7 @@ drop-in (replaces)                            models (cos/sin layout)           
 ============================================  =====================================  ==========
 ``fused_apply_rotary_pos_emb``                Llama, Mistral, Qwen, Gemma, NeoX,     rotate-half
 (``apply_rotary_pos_emb``)                    Phi, Falcon, ... (``cat(f, f)``)
-``fused_apply_rotary_pos_emb_fp32``           OLMo, ModernBERT, ESM (fp32, cast)     rotate-half
+``fused_apply_rotary_pos_emb_fp32``           OLMo, OLMo-2 (fp32, cast)              rotate-half
 ``fused_apply_rotary_pos_emb_glm``            GLM, GLM-4, Helium (``cat(f, f)``)     interleaved
 ``fused_apply_rotary_pos_emb_glm_fp32``       ERNIE-4.5 (fp32, cast back)            interleaved
 ``fused_apply_rotary_pos_emb_cohere``         Cohere (``repeat_interleave(f)``)      interleaved
@@ -156,7 +156,8 @@ def _eager(x, cos, sin, bhsd: bool, interleaved: bool, dtype: torch.dtype) -> to
     return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
 
 
-def _qk(q, k, cos, sin, unsqueeze_dim=1, *, table: str, interleaved: bool, keep_dtype: bool):
+def _rotate_q_k(q, k, cos, sin, unsqueeze_dim=1, *, table: str, interleaved: bool,
+                keep_dtype: bool):
     """Every drop-in in one: ``table`` says how the model lays out cos/sin (``"halves"``:
     ``cat(f, f)``; ``"pairs"``: ``repeat_interleave(f, 2)``; ``"direct"``: ``f``, R/2 wide);
     ``keep_dtype``: the result has q's/k's dtype (fp32 math cast back) instead of their
@@ -225,38 +226,38 @@ def fused_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=
     """
     if isinstance(position_ids, int) and not isinstance(position_ids, bool):
         unsqueeze_dim = position_ids
-    return _qk(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
                keep_dtype=False)
 
 
 def fused_apply_rotary_pos_emb_fp32(q, k, cos, sin, unsqueeze_dim=1):
-    """Rotate-half computed in fp32 and cast back to q's/k's dtype (OLMo, ModernBERT, ESM)."""
-    return _qk(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
+    """Rotate-half computed in fp32 and cast back to q's/k's dtype (OLMo, OLMo-2)."""
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
                keep_dtype=True)
 
 
 def fused_apply_rotary_pos_emb_glm(q, k, cos, sin, unsqueeze_dim=1):
     """Interleaved pairs with ``cat(f, f)`` cos/sin, partial width ``R = cos.shape[-1]``
     (GLM, GLM-4, Helium: ``cos[..., :R/2].repeat_interleave(2)`` then rotate every two)."""
-    return _qk(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=True,
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=True,
                keep_dtype=False)
 
 
 def fused_apply_rotary_pos_emb_glm_fp32(q, k, cos, sin, unsqueeze_dim=1):
     """:func:`fused_apply_rotary_pos_emb_glm` in fp32, cast back to q's dtype (ERNIE-4.5)."""
-    return _qk(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=True,
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=True,
                keep_dtype=True)
 
 
 def fused_apply_rotary_pos_emb_cohere(q, k, cos, sin, unsqueeze_dim=1):
     """Cohere: interleaved pairs, cos/sin ``repeat_interleave(f, 2)``, fp32 cast back."""
-    return _qk(q, k, cos, sin, unsqueeze_dim, table="pairs", interleaved=True,
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="pairs", interleaved=True,
                keep_dtype=True)
 
 
 def fused_apply_rotary_pos_emb_single(x, cos, sin, unsqueeze_dim=1):
     """Gemma-3n / Gemma-4: one tensor per call, rotate-half with ``cat(f, f)`` cos/sin."""
-    return _qk(x, None, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
+    return _rotate_q_k(x, None, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
                keep_dtype=False)[0]
 
 
@@ -267,7 +268,7 @@ def fused_apply_rotary_pos_emb_gptj(tensor, sin, cos):
             and tensor.dim() == 4 and tensor.shape[-1] != 2 * cos.shape[-1]:
         raise ValueError(f"tensor {tuple(tensor.shape)} must be [B, S, H, R] with R = 2 * "
                          f"cos.shape[-1] = {2 * cos.shape[-1]}")
-    return _qk(tensor, None, cos, sin, 2, table="direct", interleaved=True,
+    return _rotate_q_k(tensor, None, cos, sin, 2, table="direct", interleaved=True,
                keep_dtype=False)[0]
 
 
@@ -284,7 +285,7 @@ def fused_apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, uns
             and q.shape[-1] != cos.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} must be exactly the rope width "
                          f"R = cos.shape[-1] = {cos.shape[-1]} (the rope sub-dimension)")
-    q_out, k_out = _qk(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=True,
+    q_out, k_out = _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=True,
                        keep_dtype=False)
     return _deinterleave(q_out), (None if k_out is None else _deinterleave(k_out))
 
@@ -296,5 +297,5 @@ def fused_apply_rotary_emb_complex(xq, xk, freqs_cis):
         raise TypeError(f"freqs_cis must be a complex tensor, got "
                         f"{getattr(freqs_cis, 'dtype', type(freqs_cis).__name__)}")
     parts = torch.view_as_real(freqs_cis)
-    return _qk(xq, xk, parts[..., 0], parts[..., 1], 2, table="direct", interleaved=True,
+    return _rotate_q_k(xq, xk, parts[..., 0], parts[..., 1], 2, table="direct", interleaved=True,
                keep_dtype=True)

@@ -52,19 +52,18 @@ def _falcon(config) -> tuple[str, ...]:
     return ("alibi/falcon",) if getattr(config, "alibi", False) else ("rope/rotate_half",)
 
 
-_HALF, _HALF32 = ("rope/rotate_half",), ("rope/rotate_half_fp32",)
+ROTATE_HALF, ROTATE_HALF_FP32 = ("rope/rotate_half",), ("rope/rotate_half_fp32",)
 #: ``model_type`` -> its patch kinds (or a function of the config giving them). Each entry is
 #: exercised by tests/test_integrations_models.py on a tiny random model.
 ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
     # rotate-half, full width
-    "llama": _HALF, "mistral": _HALF, "mixtral": _HALF, "qwen2": _HALF, "qwen3": _HALF,
-    "qwen3_moe": _HALF, "gemma": _HALF, "gemma2": _HALF, "granite": _HALF,
-    "starcoder2": _HALF, "smollm3": _HALF,
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma",
+                     "gemma2", "granite", "starcoder2", "smollm3"), ROTATE_HALF),
     # rotate-half, partial width (inside the function or sliced by the attention)
-    "phi": _HALF, "phi3": _HALF, "gpt_neox": _HALF, "stablelm": _HALF, "persimmon": _HALF,
-    "nemotron": _HALF,
+    **dict.fromkeys(("phi", "phi3", "gpt_neox", "stablelm", "persimmon", "nemotron"),
+                    ROTATE_HALF),
     # rotate-half in fp32, cast back
-    "olmo": _HALF32, "olmo2": _HALF32,
+    "olmo": ROTATE_HALF_FP32, "olmo2": ROTATE_HALF_FP32,
     # interleaved pairs
     "glm": ("rope/interleaved",), "glm4": ("rope/interleaved",),
     "helium": ("rope/interleaved",), "ernie4_5": ("rope/interleaved_fp32",),
