@@ -1,6 +1,11 @@
 """posenc_triton: fused Triton kernels for rotary (RoPE) and ALiBi positional encodings."""
 
-from posenc_triton.alibi import alibi_attention, alibi_slopes
+from posenc_triton.alibi import (
+    alibi_attention,
+    alibi_attention_varlen,
+    alibi_attention_with_kvcache,
+    alibi_slopes,
+)
 from posenc_triton.nn import (
     ALiBiAttention,
     RoPEAttention,
@@ -17,6 +22,8 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "alibi_attention",
+    "alibi_attention_varlen",
+    "alibi_attention_with_kvcache",
     "alibi_slopes",
     "apply_rope",
     "rope_cos_sin",

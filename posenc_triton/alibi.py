@@ -29,11 +29,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
-    """ALiBi slopes, float32 ``[num_heads]`` (Press et al.; BLOOM's rule for other counts).
+    """ALiBi slopes (Press et al.; BLOOM's rule for head counts that are not powers of 2).
 
     Bit for bit the slopes of BLOOM's ``build_alibi_tensor`` (float32 powers of a float32
     base, on the CPU), so checkpoints trained with them see exactly their slopes; they are
     within a few float32 ulps of the exact values of ``reference.alibi_slopes_list``.
+
+    Args:
+        num_heads: a positive int, the query heads.
+        device: where to put them (default: the CPU).
+
+    Returns:
+        float32 ``[num_heads]``: ``2^(-8/n), 2^(-16/n), ...`` for ``n`` a power of 2.
     """
     _checks.positive_int("num_heads", num_heads)
 
@@ -258,48 +265,51 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     max_seqlen_k: Optional[int] = None,
                     cache_seqlens: Optional[torch.Tensor] = None,
                     dropout_p: float = 0.0) -> torch.Tensor:
-    """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``.
+    """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``:
+    ``softmax(scale * q k^T - slopes[h] * |i - j|) v``, fused forward and backward.
 
-    ``q [B, Hq, Sq, D]``, ``k, v [B, Hk, Sk, D]`` (``layout="bhsd"``) or ``[B, S, H, D]``
-    (``"bshd"``), any strides, ``Hq % Hk == 0``, ``D <= 256``, ``Sq, Sk <= 2^24``; ``slopes``
-    float32 ``[Hq]`` or ``[B, Hq]`` (default :func:`alibi_slopes`); slopes that require grad
-    get their gradient from the fused backward (trainable ALiBi; deterministic). Query ``i``
-    sits at key position ``i + Sk - Sq`` (bottom-right); a causal row that sees no key
-    outputs 0. ``scale`` defaults to ``1/sqrt(D)``. ``key_padding_mask`` bool ``[B, Sk]``
-    (True = keep, like flash-attn's ``attention_mask``; any strides) hides padded keys from
-    every query: a row left with no key outputs 0, and padded keys get ``dk = dv = 0``.
-    The mask leaves the queries aligned to the padded length ``Sk``: with a right-padded KV
-    cache and more than one query row, a causal query would then see keys of its future;
-    caches filled to a different length per sequence pass ``cache_seqlens`` instead.
-    ``dropout_p`` in ``[0, 1)`` drops attention probabilities inside the kernel and scales
-    the rest by ``1 / (1 - dropout_p)``, as SDPA's ``dropout_p`` does (pass 0 in eval mode);
-    the mask comes from a Philox key drawn from the device's default generator
-    (``torch.manual_seed`` reproduces it; CUDA-graph capture works) and the backward
-    regenerates it.
-    Returns ``out`` shaped like ``q`` in ``layout``. fp16, bf16 and fp32 run the kernels;
-    float64 runs the PyTorch reference on any device (for checking; it materialises the scores).
+    One implementation, three modes: dense (below), packed variable-length input
+    (``cu_seqlens_*``: :func:`alibi_attention_varlen` documents it) and a KV cache filled to
+    a different length per sequence (``cache_seqlens``: :func:`alibi_attention_with_kvcache`).
 
-    KV cache (flash-attn's ``flash_attn_with_kvcache`` convention, the new keys already
-    written): ``cache_seqlens`` int32/int64 ``[B]``, ``0 <= cache_seqlens[b] <= Sk``, the
-    valid keys of sequence ``b`` (those of the current queries included): keys from
-    ``cache_seqlens[b]`` on are invisible and query ``i`` sits at key position
-    ``i + cache_seqlens[b] - Sq``. Composes with ``key_padding_mask`` and ``[B, Hq]`` slopes,
-    not with packed input. Forward only (as flash-attn's): q, k, v and slopes must not
-    require grad, and ``dropout_p`` must be 0.
-    The value check is a device sync, skipped under ``torch.compile`` and capture.
+    Args:
+        q: ``[B, Hq, Sq, D]`` (``layout="bhsd"``) or ``[B, Sq, Hq, D]`` (``"bshd"``), any
+            strides; fp16, bf16 or fp32 run the kernels (fp32 with IEEE products), float64
+            the PyTorch reference (for checking: it materialises the scores). ``D <= 256``,
+            ``Sq <= 2^24``.
+        k, v: ``[B, Hk, Sk, D]`` (or ``[B, Sk, Hk, D]``), q's dtype and device,
+            ``Hq % Hk == 0`` (GQA/MQA).
+        slopes: float32 ``[Hq]`` or ``[B, Hq]``; default :func:`alibi_slopes`. Slopes that
+            require grad get their gradient from the fused backward (deterministic).
+        is_causal: query ``i`` sees keys up to its position ``i + Sk - Sq`` (bottom-right
+            aligned, as FlashAttention-2); ``False``: every key, the bias symmetric.
+            Default True. A causal row that sees no key outputs 0.
+        scale: the score scale; default ``1 / sqrt(D)``.
+        layout: ``"bhsd"`` (default) or ``"bshd"``, for q, k, v and the output.
+        key_padding_mask: bool ``[B, Sk]``, True = keep (flash-attn's ``attention_mask``),
+            any strides; padded keys are hidden from every query and get ``dk = dv = 0``.
+            The queries stay aligned to the padded length ``Sk`` (for a right-padded cache
+            with several new tokens use ``cache_seqlens``).
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed input (see
+            :func:`alibi_attention_varlen`); default None.
+        cache_seqlens: int ``[B]`` valid key lengths (see
+            :func:`alibi_attention_with_kvcache`); default None.
+        dropout_p: probability in ``[0, 1)`` of dropping an attention probability (the rest
+            scaled by ``1 / (1 - dropout_p)``, as SDPA; pass 0 in eval mode). Default 0.0.
+            The mask comes from a Philox key drawn from the device's default generator
+            (``torch.manual_seed`` reproduces it; CUDA-graph capture works); the backward
+            regenerates it.
+
+    Returns:
+        ``out`` shaped like ``q`` in ``layout``, q's dtype.
+
+    Raises:
+        ValueError / TypeError naming the argument: ranks, shapes, dtypes, devices,
+        ``Hq % Hk``, head dim, lengths, slopes, masks, ``dropout_p``, mode mix-ups.
 
     Few query rows against many keys (decoding, chunked prefill) run a split-KV kernel,
     chosen by shape (:func:`posenc_triton.alibi_decode.use_split`), with the same results;
-    ``cache_seqlens`` always runs it. Calls with dropout run the dense kernel.
-
-    Packed variable-length input (flash-attn's ``flash_attn_varlen_func`` convention):
-    ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]`` and int32/int64 ``cu_seqlens_q``,
-    ``cu_seqlens_k [B + 1]`` (cumulative lengths from 0 to ``total``); sequence ``b`` attends
-    within itself, bottom-right aligned, with ``slopes[b]`` for ``[B, Hq]`` slopes.
-    ``max_seqlen_q``/``max_seqlen_k`` bound the lengths; left as None they are read from
-    ``cu_seqlens`` (a device sync, as is the check of ``cu_seqlens``' values, both skipped
-    under ``torch.compile`` and CUDA-graph capture, which need the bounds given). ``layout``
-    does not apply. Returns ``out [total_q, Hq, D]``.
+    calls with dropout run the dense kernel.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
@@ -356,3 +366,83 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return alibi_ops.run_alibi(q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q,
                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
                                layout, dropout_p, seed)
+
+
+def alibi_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                           slopes: Optional[torch.Tensor] = None, *, is_causal: bool = True,
+                           scale: Optional[float] = None,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """ALiBi attention of packed variable-length sequences, in flash-attn's
+    ``flash_attn_varlen_func`` convention and argument order (:func:`alibi_attention` with
+    ``cu_seqlens_*``).
+
+    Sequence ``b`` holds rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of ``q`` and
+    ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of ``k``, ``v``, and attends within itself,
+    bottom-right aligned.
+
+    Args:
+        q: ``[total_q, Hq, D]``, fp16, bf16 or fp32 (float64: the reference), ``D <= 256``.
+        k, v: ``[total_k, Hk, D]``, q's dtype and device, ``Hq % Hk == 0``.
+        cu_seqlens_q, cu_seqlens_k: int32/int64 ``[B + 1]``, cumulative lengths from 0 to
+            ``total_q`` / ``total_k``, non-decreasing.
+        max_seqlen_q, max_seqlen_k: ints bounding the lengths, or None to read them from
+            ``cu_seqlens`` (a device sync; ``torch.compile`` and CUDA-graph capture need them
+            given, and skip the check of ``cu_seqlens``' values, which is also a sync).
+        slopes: float32 ``[Hq]`` or ``[B, Hq]`` (sequence ``b`` takes ``slopes[b]``); default
+            :func:`alibi_slopes`; trainable if they require grad.
+        is_causal: default True (each sequence's rows see its keys up to their position).
+        scale: default ``1 / sqrt(D)``.
+        dropout_p: in ``[0, 1)``, default 0.0 (as :func:`alibi_attention`).
+
+    Returns:
+        ``out [total_q, Hq, D]``, q's dtype.
+    """
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an integer tensor [B + 1], got {type(cu).__name__}")
+    return alibi_attention(q, k, v, slopes, is_causal=is_causal, scale=scale,
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                           dropout_p=dropout_p)
+
+
+def alibi_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
+                                 v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                                 slopes: Optional[torch.Tensor] = None, *,
+                                 is_causal: bool = True, scale: Optional[float] = None,
+                                 layout: str = "bhsd",
+                                 key_padding_mask: Optional[torch.Tensor] = None
+                                 ) -> torch.Tensor:
+    """ALiBi attention against a KV cache filled to a different length per sequence, in
+    flash-attn's ``flash_attn_with_kvcache`` convention (the new keys already written; forward
+    only; :func:`alibi_attention` with ``cache_seqlens``). Runs the split-KV decode kernel.
+
+    Keys of sequence ``b`` from ``cache_seqlens[b]`` on are invisible, and query ``i`` sits
+    at key position ``i + cache_seqlens[b] - Sq``.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` (``layout="bhsd"``) or ``[B, Sq, Hq, D]`` (``"bshd"``), fp16,
+            bf16 or fp32 (float64: the reference), ``D <= 256``; must not require grad.
+        k_cache, v_cache: ``[B, Hk, Sk, D]`` (or ``[B, Sk, Hk, D]``), q's dtype and device,
+            ``Hq % Hk == 0``.
+        cache_seqlens: int32/int64 ``[B]``, ``0 <= cache_seqlens[b] <= Sk``, the valid keys
+            of each sequence (the current queries' included). Its values are checked with
+            one device sync, skipped under ``torch.compile`` and capture.
+        slopes: float32 ``[Hq]`` or ``[B, Hq]``, not requiring grad; default
+            :func:`alibi_slopes`.
+        is_causal: default True; ``False`` lets every query see all valid keys.
+        scale: default ``1 / sqrt(D)``.
+        layout: ``"bhsd"`` (default) or ``"bshd"``.
+        key_padding_mask: bool ``[B, Sk]``, True = keep, hiding keys inside the valid
+            lengths too; default None.
+
+    Returns:
+        ``out`` shaped like ``q`` in ``layout``, q's dtype.
+    """
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an integer tensor [B], got {cache_seqlens!r}")
+    return alibi_attention(q, k_cache, v_cache, slopes, is_causal=is_causal, scale=scale,
+                           layout=layout, key_padding_mask=key_padding_mask,
+                           cache_seqlens=cache_seqlens)

@@ -412,3 +412,18 @@ def test_gpu_decode_shapes(monkeypatch, batch, seqlen_q, seqlen_k, dtype):
     assert calls
     lengths = torch.randint(0, seqlen_k + 1, (batch,), device=DEVICE, dtype=torch.int32)
     _check_cache(_make_qkv(batch, 32, 8, seqlen_q, seqlen_k, 128, dtype), lengths)
+
+
+def test_kvcache_entry_point_is_alibi_attention_with_cache_seqlens():
+    from posenc_triton import alibi_attention_with_kvcache
+
+    torch.manual_seed(8)
+    q = torch.randn(2, 2, 4, 48, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 40, 1, 48, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([40, 17], device=DEVICE)
+    for causal in (True, False):
+        want = alibi_attention(q, k, v, is_causal=causal, layout="bshd", cache_seqlens=lengths)
+        got = alibi_attention_with_kvcache(q, k, v, lengths, is_causal=causal, layout="bshd")
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="cache_seqlens must be an integer tensor"):
+        alibi_attention_with_kvcache(q, k, v, None, layout="bshd")

@@ -295,3 +295,26 @@ def test_gpu_cuda_graph_capture(packed):
     for got, want in zip(captured, step()):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+
+
+def test_varlen_entry_point_is_alibi_attention_with_cu_seqlens():
+    # flash-attn's names and argument order, delegating to the one implementation
+    from posenc_triton import alibi_attention_varlen
+
+    torch.manual_seed(7)
+    lens_q, lens_k = [3, 1, 6], [5, 1, 9]
+    q = torch.randn(sum(lens_q), 6, 40, device=DEVICE)
+    k, v = (torch.randn(sum(lens_k), 3, 40, device=DEVICE) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32,
+                               device=DEVICE) for n in (lens_q, lens_k))
+    slopes = torch.rand(3, 6, device=DEVICE)
+    for causal in (True, False):
+        want = alibi_attention(q, k, v, slopes, is_causal=causal, cu_seqlens_q=cu_q,
+                               cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=9)
+        got = alibi_attention_varlen(q, k, v, cu_q, cu_k, 6, 9, slopes, is_causal=causal)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(
+            alibi_attention_varlen(q, k, v, cu_q, cu_k, None, None, slopes, is_causal=causal),
+            want)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be an integer tensor"):
+        alibi_attention_varlen(q, k, v, cu_q, None, 6, 9)
