@@ -88,7 +88,11 @@ ROPE_LAYERS: dict[str, Callable] = {
 
 
 def supported_model_types() -> list[str]:
-    """The ``model_type`` values :func:`apply` accepts, sorted."""
+    """The model types :func:`apply` accepts.
+
+    Returns:
+        ``list[str]`` of ``config.model_type`` values, sorted.
+    """
     return sorted(ARCHITECTURES)
 
 
@@ -172,7 +176,14 @@ def _prepare(model, model_type: str, kind: str, check_masks: bool) -> Callable:
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply`: the RoPE functions of the modules ``model``'s layers use get their
-    originals back (module-wide) and its ALiBi layers their classes. Returns ``model``."""
+    originals back (module-wide) and its ALiBi layers their classes.
+
+    Args:
+        model: a ``torch.nn.Module`` (patched or not: nothing to undo is fine).
+
+    Returns:
+        ``model``.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sites = _rope_patch.rope_sites(model, KINDS.values())
@@ -182,8 +193,15 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
-    """``{layer path: [patch kinds]}`` of the layers of ``model`` now running our kernels,
-    e.g. ``{"model.layers.0.self_attn": ["rope/rotate_half"]}``; empty when none."""
+    """The layers of ``model`` now running our kernels.
+
+    Args:
+        model: a ``torch.nn.Module``.
+
+    Returns:
+        ``{layer path: [patch kinds]}``, e.g. ``{"model.layers.0.self_attn":
+        ["rope/rotate_half"]}``; empty when none.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
