@@ -1,9 +1,8 @@
 """Pure-PyTorch references: the specification the kernels are tested and benchmarked against.
 
-Nothing here imports a kernel. Everything is written as the maths reads (the README's
-"Semantics" section): materialised scores, explicit masks, softmax in float32 or wider; pass
-float64 inputs to get the ground truth.
-"""
+Nothing here imports a kernel. Everything is written as the maths reads (the README's API
+and "Correctness contract"): materialised scores, explicit masks, softmax in float32 or wider;
+float64 inputs give the ground truth."""
 
 from __future__ import annotations
 
@@ -26,7 +25,17 @@ def rope_positions(
     seqlen_offsets: Union[int, torch.Tensor] = 0,
     device=None,
 ) -> torch.Tensor:
-    """Position of every token, int64 ``[B, S]``: ``position_ids`` (or ``arange(S)``) + offset."""
+    """Position of every token: ``position_ids`` (or ``arange(S)``) plus ``seqlen_offsets``.
+
+    Args:
+        batch, seqlen: ``B`` and ``S``.
+        position_ids: integer ``[S]``, ``[1, S]`` or ``[B, S]``, or None (default: ``arange(S)``).
+        seqlen_offsets: int, or integer 0-d or ``[B]`` tensor. Default ``0``.
+        device: device of ``arange(S)`` when ``position_ids`` is None. Default None.
+
+    Returns:
+        int64 ``[B, S]``.
+    """
     if position_ids is None:
         pos = torch.arange(seqlen, device=device).expand(batch, seqlen)
     else:
@@ -43,9 +52,16 @@ def rope_rotate(
     positions: torch.Tensor,
     interleaved: bool = False,
 ) -> torch.Tensor:
-    """Rotate ``x [B, S, H, D]`` by the rows ``positions [B, S]`` of ``cos``/``sin [T, R/2]``.
+    """Rotate ``x`` by the rows ``positions`` of ``cos``/``sin``; math in float32 (or float64).
 
-    Math in ``float32`` (``float64`` for ``float64`` input); the result has ``x``'s dtype.
+    Args:
+        x: ``[B, S, H, D]``, any float dtype; ``x[..., R:]`` passes through.
+        cos, sin: ``[T, R/2]`` tables, ``R <= D``.
+        positions: integer ``[B, S]`` rows of the tables.
+        interleaved: rotate pairs ``(x[2i], x[2i+1])`` instead of halves. Default False.
+
+    Returns:
+        ``[B, S, H, D]`` in ``x``'s dtype.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     half = cos.shape[-1]
@@ -73,7 +89,17 @@ def apply_rope_reference(
     interleaved: bool = False,
     layout: str = "bshd",
 ):
-    """Reference for :func:`posenc_triton.apply_rope` (same arguments): ``(q_out, k_out)``."""
+    """Reference for :func:`posenc_triton.apply_rope`, on :func:`rope_rotate`.
+
+    Args:
+        q, k, cos, sin, position_ids, seqlen_offsets, interleaved, layout: as for
+            :func:`~posenc_triton.apply_rope` (``q [B, S, Hq, D]`` or ``[B, Hq, S, D]``,
+            ``k`` likewise with ``Hk`` heads or None, ``cos, sin [T, R/2]``; defaults None,
+            ``0``, False, ``"bshd"``). No checks.
+
+    Returns:
+        ``(q_out, k_out)``: ``q``'s and ``k``'s shapes and dtypes; ``k_out`` None if ``k`` is.
+    """
     if layout == "bhsd":
         q = q.transpose(1, 2)
         k = None if k is None else k.transpose(1, 2)
@@ -95,8 +121,12 @@ def apply_rope_reference(
 def alibi_slopes_list(num_heads: int) -> list:
     """ALiBi slopes as Python floats (Press et al.; BLOOM's rule for other head counts).
 
-    For ``n`` a power of two: ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``. Otherwise the slopes of
-    the closest power of two ``c < n``, then every other slope of ``2c`` for the rest.
+    Args:
+        num_heads: ``n >= 1``. A power of two gets ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``; other
+            ``n`` those of the closest power of two ``c < n``, then every other one of ``2c``.
+
+    Returns:
+        ``list`` of ``n`` floats.
     """
 
     def geometric(n):
@@ -113,9 +143,15 @@ def alibi_slopes_list(num_heads: int) -> list:
 def alibi_bias(
     slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, is_causal: bool
 ) -> torch.Tensor:
-    """Additive bias ``[B or 1, H, Sq, Sk]`` in ``slopes``' dtype; masked keys are ``-inf``.
+    """ALiBi additive bias, bottom-right aligned: query ``i`` sits at key ``i + Sk - Sq``.
 
-    Bottom-right aligned: query ``i`` sits at key position ``i + Sk - Sq``.
+    Args:
+        slopes: float ``[H]`` or ``[B, H]``.
+        seqlen_q, seqlen_k: ``Sq`` and ``Sk``.
+        is_causal: set keys ``j`` after query ``i`` to ``-inf``.
+
+    Returns:
+        ``[B or 1, H, Sq, Sk]`` in ``slopes``' dtype: ``-slope * |i - j|``, masked keys ``-inf``.
     """
     if slopes.dim() == 1:
         slopes = slopes.unsqueeze(0)
@@ -144,14 +180,24 @@ def alibi_attention_reference(
 ) -> torch.Tensor:
     """Reference for :func:`posenc_triton.alibi_attention`, materialising ``Sq x Sk`` scores.
 
-    ``upcast=True`` computes in ``float32`` (``float64`` for ``float64`` inputs);
-    ``upcast=False`` runs the matmuls in the input dtype with a ``float32`` softmax, which is
-    the "same-dtype PyTorch" baseline of the error rule. ``key_padding_mask`` bool ``[B, Sk]``
-    (True = keep) masks padded keys for every query. Rows with no visible key give 0.
-    ``dropout_p > 0`` zeroes attention probabilities with that probability (and rescales
-    the rest by ``1 / (1 - dropout_p)``), as ``F.scaled_dot_product_attention`` does;
-    ``dropout_mask`` (bool ``[B, Hq, Sq, Sk]``, True = keep) fixes which ones survive
-    instead of drawing them (the kernels' mask, for tests).
+    Args:
+        q: ``[B, Hq, Sq, D]`` (``layout="bhsd"``) or ``[B, Sq, Hq, D]`` (``"bshd"``), any float.
+        k, v: the same with ``Sk`` keys and ``Hk`` heads (``Hk`` divides ``Hq``), ``q``'s dtype.
+        slopes: float ``[Hq]`` or ``[B, Hq]``, or None (default: :func:`alibi_slopes_list`).
+        is_causal: causal bias, bottom-right aligned (:func:`alibi_bias`). Default True.
+        scale: score scale. Default None: ``1 / sqrt(D)``.
+        layout: ``"bhsd"`` (default) or ``"bshd"``.
+        upcast: True (default) computes in float32 (float64 for float64 inputs); False runs
+            the matmuls in the input dtype with a float32 softmax (the same-dtype baseline).
+        key_padding_mask: bool ``[B, Sk]`` (True = keep) or None (default); rows with no
+            visible key give 0.
+        dropout_p: drop probabilities with this chance and rescale the rest by
+            ``1 / (1 - dropout_p)``, as SDPA does. Default ``0.0``.
+        dropout_mask: bool ``[B, Hq, Sq, Sk]`` (True = keep) or None (default): the survivors,
+            instead of drawing them (the kernels' mask, for tests).
+
+    Returns:
+        ``q``'s shape, dtype and layout.
     """
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -199,12 +245,20 @@ def alibi_attention_varlen_reference(
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference for packed input: ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]``.
+    """Reference for packed (varlen) input: each sequence attended alone.
 
-    Sequence ``b`` (rows ``cu_seqlens[b] : cu_seqlens[b + 1]``) is attended alone by
-    :func:`alibi_attention_reference`, with ``slopes[b]`` when ``slopes`` is ``[B, Hq]``,
-    and the top-left ``[Hq, Sq_b, Sk_b]`` corner of ``dropout_mask[b]`` (bool ``[B, Hq,
-    max_Sq, max_Sk]``) when given.
+    Args:
+        q: ``[total_q, Hq, D]``; ``k, v``: ``[total_k, Hk, D]``.
+        cu_seqlens_q, cu_seqlens_k: integer ``[B + 1]``; sequence ``b`` is rows
+            ``cu_seqlens[b] : cu_seqlens[b + 1]``.
+        slopes: ``[Hq]``, ``[B, Hq]`` (``slopes[b]`` for sequence ``b``) or None (default).
+        is_causal, scale, upcast, dropout_p: as for :func:`alibi_attention_reference`
+            (defaults True, None, True, ``0.0``).
+        dropout_mask: bool ``[B, Hq, max_Sq, max_Sk]`` or None (default); sequence ``b``
+            uses the top-left ``[Hq, Sq_b, Sk_b]`` corner of ``dropout_mask[b]``.
+
+    Returns:
+        ``[total_q, Hq, D]`` in ``q``'s dtype.
     """
     if slopes is None:
         slopes = torch.tensor(alibi_slopes_list(q.shape[1]), device=q.device)
@@ -234,10 +288,24 @@ def alibi_attention_kvcache_reference(
     upcast: bool = True,
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference for per-batch valid key lengths (``cache_seqlens [B]``, flash-attn's
-    ``flash_attn_with_kvcache``): batch ``b`` attends its first ``cache_seqlens[b]`` keys
-    alone, queries bottom-right aligned to them, by :func:`alibi_attention_reference`, with
-    ``slopes[b]`` when ``slopes`` is ``[B, Hq]`` and ``key_padding_mask[b]`` when given."""
+    """Reference for per-batch valid key lengths (flash-attn's ``flash_attn_with_kvcache``).
+
+    Batch ``b`` attends its first ``cache_seqlens[b]`` keys alone, queries bottom-right
+    aligned to them, by :func:`alibi_attention_reference`.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` (``layout="bhsd"``) or ``[B, Sq, Hq, D]`` (``"bshd"``).
+        k, v: ``[B, Hk, Sk, D]`` or ``[B, Sk, Hk, D]``, the cache.
+        cache_seqlens: integer ``[B]``, each ``<= Sk``.
+        slopes: ``[Hq]``, ``[B, Hq]`` (``slopes[b]`` for batch ``b``) or None (default).
+        is_causal, scale, layout, upcast: as for :func:`alibi_attention_reference`
+            (defaults True, None, ``"bhsd"``, True).
+        key_padding_mask: bool ``[B, Sk]`` or None (default); batch ``b`` uses its first
+            ``cache_seqlens[b]`` entries.
+
+    Returns:
+        ``q``'s shape, dtype and layout.
+    """
     seq = 2 if layout == "bhsd" else 1
     outs = []
     for b, n in enumerate(cache_seqlens.tolist()):
@@ -262,8 +330,10 @@ class RoPEAttentionReference(SelfAttentionBase):
     ``q k^T / sqrt(D)``, masks them, applies softmax (float32, or float64 for float64
     modules), dropout (training mode) and multiplies by ``v``. The matmuls run in the
     module's dtype: in float64 this is the ground truth, in bf16/fp16 the same-dtype baseline.
-    ``attention_mask`` bool ``[B, S]`` (True = keep) hides padded keys; a query row with no
-    visible key outputs 0.
+
+    Args:
+        d_model, num_heads, max_seq_len, dropout, num_kv_heads, bias, rotary_dim, base,
+            scaling, interleaved, device, dtype: as for :class:`~posenc_triton.RoPEAttention`.
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
@@ -293,6 +363,18 @@ class RoPEAttentionReference(SelfAttentionBase):
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, *,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Self-attention of ``x``.
+
+        Args:
+            x: ``[B, S, d_model]`` in the module's dtype.
+            attention_mask: bool ``[B, S]`` (True = keep) or None (default): hides padded
+                keys; a query row with no visible key outputs 0.
+            is_causal: query ``i`` sees keys ``j <= i``. Default False.
+            position_ids: integer ``[S]`` or ``[B, S]``, or None (default: ``arange(S)``).
+
+        Returns:
+            ``[B, S, d_model]`` in ``x``'s dtype.
+        """
         self._check_input(x, attention_mask, is_causal)
         batch, seqlen, _ = x.shape
         q, k, v = self._project(x)
@@ -327,10 +409,14 @@ class ALiBiAttentionReference(SelfAttentionBase):
     """Reference for :class:`posenc_triton.ALiBiAttention`: same constructor, forward, parameters.
 
     Projects, then runs :func:`alibi_attention_reference` (materialised scores, ALiBi bias,
-    masks, softmax, dropout in training mode, PV) in the module's dtype with the default
-    slopes :func:`alibi_slopes_list`. ``attention_mask`` bool ``[B, S]`` (True = keep).
-    ``trainable_slopes=True`` makes the slopes a parameter ``slopes [num_heads]`` (float32,
-    initialised from :func:`alibi_slopes_list`; cast with the module).
+    masks, softmax, dropout in training mode, PV) in the module's dtype.
+
+    Args:
+        d_model, num_heads, max_seq_len, dropout, num_kv_heads, bias, device, dtype: as for
+            :class:`~posenc_triton.ALiBiAttention`.
+        trainable_slopes: bool (else ``TypeError``). Default False: the default slopes
+            :func:`alibi_slopes_list`; True: a parameter ``slopes [num_heads]`` (float32,
+            initialised from :func:`alibi_slopes_list`; cast with the module).
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
@@ -345,6 +431,16 @@ class ALiBiAttentionReference(SelfAttentionBase):
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        """Self-attention of ``x``.
+
+        Args:
+            x: ``[B, S, d_model]`` in the module's dtype.
+            attention_mask: bool ``[B, S]`` (True = keep) or None (default).
+            is_causal: causal ALiBi bias; otherwise the symmetric one. Default False.
+
+        Returns:
+            ``[B, S, d_model]`` in ``x``'s dtype.
+        """
         self._check_input(x, attention_mask, is_causal)
         batch, seqlen, _ = x.shape
         q, k, v = self._project(x)

@@ -137,6 +137,7 @@ def apply_rope(
         seqlen_offsets: int, or integer 0-d or ``[B]`` tensor, added to every position
             (KV-cache decode).
         interleaved: rotate pairs ``(x[2i], x[2i+1])`` (GPT-J) instead of halves (NeoX/Llama).
+        layout: ``"bshd"`` (default) or ``"bhsd"``, for ``q`` and ``k``.
         inplace: write into ``q`` and ``k`` instead of new tensors (views too; under autograd
             the rotation is recorded as a copy into them).
         check_positions: raise ``ValueError`` for a position outside the table. For tensor
@@ -144,6 +145,14 @@ def apply_rope(
             loops, positions known to fit), and then a position past the table gives NaN in
             its rows, never a read of memory outside the table (as under ``torch.compile``
             and CUDA-graph capture, which skip the sync anyway).
+
+    Returns:
+        ``(q_out, k_out)``: ``q``'s and ``k``'s shape and dtype (``q`` and ``k`` themselves with
+        ``inplace``); ``k_out`` is None when ``k`` is.
+
+    Raises:
+        TypeError, ValueError: a bad argument (dtype, device, shape, ``layout``), or with
+            ``check_positions`` a position outside ``[0, T)``.
     """
     batch, seqlen = _validate(q, k, cos, sin, position_ids, seqlen_offsets, layout,
                               check_positions)

@@ -226,10 +226,22 @@ def rope_frequencies(
 ) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies, optionally scaled like transformers' ``ROPE_INIT_FUNCTIONS``.
 
-    ``scaling``: None or a ``rope_scaling`` / ``rope_parameters`` dict whose ``rope_type`` (or
-    legacy ``type``) is one of ``SUPPORTED_ROPE_TYPES``. See the module docstring for how
-    ``max_position_embeddings`` and ``seq_len`` stand in for config fields.
-    Returns ``(inv_freq float32 [rotary_dim // 2] on device, attention_scaling float)``.
+    Args:
+        rotary_dim: even int ``R >= 2``, the rotary width.
+        base: ``rope_theta``, a positive number. Default ``10000.0``.
+        scaling: None (default: unscaled) or a ``rope_scaling`` / ``rope_parameters`` dict
+            whose ``rope_type`` (or legacy ``type``) is one of ``SUPPORTED_ROPE_TYPES``.
+        device: where ``inv_freq`` goes. Default None (the CPU).
+        max_position_embeddings: int ``>= 1`` or None (default); stands in for the config
+            field (see the module docstring).
+        seq_len: int ``>= 0`` or None (default); transformers' ``seq_len`` (``dynamic``,
+            ``longrope``).
+
+    Returns:
+        ``(inv_freq, attention_scaling)``: float32 ``[R // 2]`` on ``device``, and a float.
+
+    Raises:
+        TypeError, ValueError: a bad argument, an unknown ``rope_type`` or scaling key.
     """
     rotary_dim = _int("rotary_dim", rotary_dim, 1)
     if rotary_dim % 2:
@@ -264,9 +276,21 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables, float32 ``[S, R/2]`` each, on ``inv_freq``'s device.
 
-    Rows are positions ``arange(S)`` for an int ``S``, or the given 1-D integer positions.
     Angles are formed in float64 (a float32 angle at position 1e7 is off by ~1 rad), then
     cos/sin are multiplied by ``attention_scaling`` and rounded to float32.
+
+    Args:
+        seq_len_or_positions: int ``S >= 0`` (rows ``arange(S)``) or 1-D integer ``[S]``
+            positions on ``inv_freq``'s device.
+        inv_freq: floating ``[R/2]``, e.g. from :func:`rope_frequencies`.
+        attention_scaling: positive float multiplying cos and sin. Default ``1.0``.
+
+    Returns:
+        ``(cos, sin)``: float32 ``[S, R/2]`` each, on ``inv_freq``'s device.
+
+    Raises:
+        TypeError, ValueError: a non-tensor, non-floating or non-1-D ``inv_freq``; non-integer,
+            non-1-D or other-device positions.
     """
     if not isinstance(inv_freq, torch.Tensor):
         raise TypeError(f"inv_freq must be a tensor, got {type(inv_freq).__name__}")

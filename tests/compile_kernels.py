@@ -126,8 +126,8 @@ def decode_cases():
             (torch.bfloat16, 256, 64, False, False, {}),
             (torch.float32, 256, 64, False, False, {}),
             (torch.bfloat16, 64, 1, False, True, {"seqlen_q": 1, "group": 1})):
-        tiles = decode_ops._tiles(torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta"),
-                                  rows)
+        query = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
+        tiles = decode_ops._split_blocks(query, rows)
         num_warps, num_stages = tiles.pop("num_warps"), tiles.pop("num_stages")
         fp32 = dtype == torch.float32
         meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
