@@ -1,7 +1,8 @@
 """ALiBi attention: FlashAttention-2 forward with the linear bias fused in, and the helpers
 it shares with the backward (:mod:`kernels.alibi_attention_bwd`).
 
-For query ``i``, key ``j`` and head ``h``, with ``i' = i + Sk - Sq`` (bottom-right aligned):
+For query ``i``, key ``j`` and head ``h``, with ``i' = i + Sk - Sq + pos_offset`` (aligned
+bottom-right, then ``pos_offset`` further: context parallelism's global positions, else 0):
 ``score = scale * q_i.k_j - m_h * (i' - j)`` (causal, keys ``j > i'`` masked) or
 ``- m_h * |i' - j|`` (symmetric). Scores live in the exp2 domain (``log2(e)`` folded into
 ``scale`` and the slope) so the softmax uses ``exp2``. LSE is stored as a natural log, ``+inf``
@@ -79,7 +80,7 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
 def _stages(start, size_q, size_k, shift, seqlen, BLOCK: tl.constexpr,
             IS_CAUSAL: tl.constexpr, OVER_QUERIES: tl.constexpr):
     """Tile boundaries ``(a, b, c)`` of a loop over ``[0, seqlen)`` in steps of ``BLOCK``;
-    ``shift = Sk - Sq``.
+    ``shift = Sk - Sq + pos_offset`` (any sign, any size).
 
     Over keys, for the queries ``start + [0, size_q)`` (forward, dq): keys ``[0, a)`` precede
     every query (sign +1), ``[a, b)`` is the diagonal band and, causal, the last key (masked),
@@ -246,7 +247,7 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_D
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
-                    group, seqlen_q, seqlen_k,
+                    group, seqlen_q, seqlen_k, pos_offset,
                     SQ_BUCKET, SK_BUCKET,  # autotune key only
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -283,12 +284,12 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_D
     q = tl.load(Q + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=io_mask,
                 other=0.0)
 
-    pos_q = offs_m + (seqlen_k - seqlen_q)  # i', the row's key position
+    shift = seqlen_k - seqlen_q + pos_offset
+    pos_q = offs_m + shift  # i', the row's key position
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M, 4], tl.float32)  # the row sums, by lane (_quad_sums)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
-                      IS_CAUSAL, False)
+    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, shift, seqlen_k, BLOCK_N, IS_CAUSAL, False)
     # the stages follow one another, each advancing the pointers past its tiles
     offs_n = tl.arange(0, BLOCK_N)
     offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd

@@ -155,7 +155,7 @@ def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                          stride_lb, stride_lh, stride_sb, stride_mb, stride_mn, stride_cs,
-                         group, seqlen_q, seqlen_k,
+                         group, seqlen_q, seqlen_k, pos_offset,
                          SQ_BUCKET, SK_BUCKET,  # autotune key only
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_PERIOD: tl.constexpr,
@@ -203,7 +203,7 @@ def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_
 
     # query tiles before every key (symmetric only; causal: they see none), the band, then
     # the tiles after every key
-    shift = seqlen_k - seqlen_q
+    shift = seqlen_k - seqlen_q + pos_offset
     a, b, _ = _stages(start_n, BLOCK_M, BLOCK_N, shift, seqlen_q, BLOCK_M, IS_CAUSAL, True)
     end = seqlen_q
     if HAS_KEY_MASK:  # a block of padded keys only: skip the loops, store zeros
@@ -371,17 +371,19 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
                        stride_dsb, stride_dsh,
-                       group, seqlen_q, seqlen_k,
+                       group, seqlen_q, seqlen_k, pos_offset,
                        SQ_BUCKET, SK_BUCKET,  # autotune key only
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, HAS_SLOPE_GRAD: tl.constexpr,
-                       USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       INTERPRETER: tl.constexpr):
+                       PARTIAL_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``, and with ``HAS_SLOPE_GRAD``
     this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``. ``USE_TMA`` (dense,
-    no key mask): ``K_DESC``/``V_DESC`` as the forward's."""
+    no key mask): ``K_DESC``/``V_DESC`` as the forward's. ``PARTIAL_ROWS``: the keys are part
+    of each row's (a context-parallel chunk pair), so the slope gradient's ``delta_i`` is
+    ``DELTA``, the whole row's, not this call's ``rowsum(p * dp)``."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -415,7 +417,8 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
     lse2 = tl.load(LSE + offs_m, mask=m_mask, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
 
-    pos_q = offs_m + (seqlen_k - seqlen_q)
+    shift = seqlen_k - seqlen_q + pos_offset
+    pos_q = offs_m + shift
     colf = offs_n.to(tl.float32)
     offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     offs_vT = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
@@ -427,8 +430,7 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     tma_b, tma_h = tl.program_id(2), tl.program_id(1) // group  # TMA coordinates are int32
-    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, seqlen_k - seqlen_q, seqlen_k, BLOCK_N,
-                      IS_CAUSAL, False)
+    a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, shift, seqlen_k, BLOCK_N, IS_CAUSAL, False)
     # the forward's stages, each under `if`
     if 0 < a:
         dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
@@ -464,8 +466,9 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
         # per row as p_dist_dp - delta_i * p_dist. delta_i is rowsum(p * dp) = p_dp, formed
         # here in fp32: the DELTA of dq, dk (rowsum(o * do)) reads o rounded to fp16/bf16, an
         # error that dist, growing along the row, would not average out.
+        row_delta = delta if PARTIAL_ROWS else p_dp
         tl.store(DSLOPE + off_b * stride_dsb + off_h * stride_dsh + tl.program_id(0),
-                 tl.sum(p_dp * p_dist - p_dist_dp, 0))
+                 tl.sum(row_delta * p_dist - p_dist_dp, 0))
     dq *= sm_scale
     tl.store(DQ + offs_r[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              _narrow(dq, DQ.dtype.element_ty, INTERPRETER), mask=io_mask)

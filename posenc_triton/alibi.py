@@ -72,7 +72,7 @@ def _default_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return _cached_slopes(num_heads, device)
 
 
-def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None, *,
+def check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None, *,
                 num_seqs=None) -> float:
     """Validate :func:`alibi_attention`'s arguments; returns the softmax scale. Packed input
     comes as one batch of ``bshd`` with ``num_seqs`` sequences (the batch of ``slopes``)."""
@@ -147,7 +147,7 @@ def _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask=None
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   key_padding_mask) -> None:
-    """Validate what is particular to packed input; :func:`_check_args` does the rest."""
+    """Validate what is particular to packed input; :func:`check_args` does the rest."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must be 3-D [total_tokens, H, D] with cu_seqlens "
@@ -312,10 +312,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     calls with dropout run the dense kernel.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
-            or not 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    dropout_p = float(dropout_p)
+    dropout_p = _checks.probability("dropout_p", dropout_p)
     slopes_grad = (torch.is_grad_enabled() and isinstance(slopes, torch.Tensor)
                    and slopes.requires_grad)
     if cache_seqlens is not None and (dropout_p > 0 or slopes_grad):
@@ -328,7 +325,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       key_padding_mask)
         layout = "bshd"
-        scale = _check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+        scale = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
                               for t in (q, k, v)), slopes, is_causal, scale, layout,
                             num_seqs=cu_seqlens_q.numel() - 1)
         max_seqlen_q, max_seqlen_k = _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k,
@@ -337,7 +334,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("max_seqlen_q and max_seqlen_k apply to packed input only: "
                              "pass them with cu_seqlens_q and cu_seqlens_k")
-        scale = _check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
+        scale = check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
         max_seqlen_q = max_seqlen_k = 0
         if cache_seqlens is not None:
             _check_cache_seqlens(q, k, v, cache_seqlens, layout)

@@ -28,13 +28,15 @@ def to_layout(t: torch.Tensor, layout: str, varlen: bool) -> torch.Tensor:
     return t.transpose(1, 2)[0] if varlen else bhsd(t, layout)
 
 
-def empty_bhsd(shape, layout: str, like: torch.Tensor, varlen: bool = False) -> torch.Tensor:
-    """Contiguous in the caller's layout, returned as a ``[B, H, S, D]`` view (tests poison
-    it)."""
+def empty_bhsd(shape, layout: str, like: torch.Tensor, varlen: bool = False,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Contiguous in the caller's layout, returned as a ``[B, H, S, D]`` view; ``like``'s
+    dtype unless ``dtype`` is given (tests poison it)."""
     b, h, s, d = shape
+    dtype = like.dtype if dtype is None else dtype
     if layout == "bshd" or varlen:
-        return torch.empty((b, s, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
-    return torch.empty((b, h, s, d), dtype=like.dtype, device=like.device)
+        return torch.empty((b, s, h, d), dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty((b, h, s, d), dtype=dtype, device=like.device)
 
 
 def strides(*tensors: torch.Tensor, varlen: bool) -> list:

@@ -56,7 +56,7 @@ def dropout_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_head
 
 def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p=0.0,
-                     seed=None, wrap=False):
+                     seed=None, wrap=False, pos_offset=0, out_dtype=None):
     """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
     ``[B, Hq, Sq]`` (``[1, Hq, total_q]`` packed; natural log, ``+inf`` for rows that see no
     key).
@@ -69,8 +69,12 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
     :func:`_backend.launcher` (the body of the ``torch.library`` op, seen by
     ``torch.compile``). Few query rows against many keys run split-KV, without dropout
     (:func:`posenc_triton.alibi_decode.launch_alibi_decode`; the rule is its ``use_split``).
+    ``pos_offset`` moves every query that many positions past its bottom-right alignment
+    (a chunk pair of :mod:`posenc_triton.distributed`, which also asks ``out_dtype`` float32
+    to merge the pairs unrounded); such calls run the dense kernel.
     """
-    if dropout_p == 0 and alibi_decode.use_split(q, k, layout, cu_seqlens_q, max_seqlen_q,
+    dense_only = dropout_p > 0 or pos_offset != 0 or out_dtype is not None
+    if not dense_only and alibi_decode.use_split(q, k, layout, cu_seqlens_q, max_seqlen_q,
                                                  max_seqlen_k):
         return alibi_decode.launch_alibi_decode(
             q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -79,7 +83,7 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
     q, k, v = (alibi_launch.bhsd(t, layout, varlen) for t in (q, k, v))
     num_heads, seqlen_q, num_kv_heads, seqlen_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    out = alibi_launch.empty_bhsd(q.shape, layout, q, varlen)
+    out = alibi_launch.empty_bhsd(q.shape, layout, q, varlen, out_dtype)
     lse = torch.empty((q.shape[0], num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if varlen:
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
@@ -101,16 +105,20 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
                 *alibi_launch.strides(q, k, v, out, varlen=varlen),
                 *alibi_launch.lse_strides(lse, varlen),
                 alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn,
-                num_heads // num_kv_heads, seqlen_q, seqlen_k,
+                num_heads // num_kv_heads, seqlen_q, seqlen_k, pos_offset,
                 _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
     return alibi_launch.to_layout(out, layout, varlen), lse
 
 
 def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, out, lse, is_causal, scale, layout,
-                     dropout_p=0.0, seed=None, slopes_grad=False, wrap=False):
+                     dropout_p=0.0, seed=None, slopes_grad=False, wrap=False, pos_offset=0,
+                     partial_rows=False):
     """``(dq, dk, dv, dslopes)``: the first three shaped like ``q, k, v``, each contiguous in
-    ``layout``; ``dslopes`` float32 like ``slopes`` with ``slopes_grad``, else empty."""
+    ``layout``; ``dslopes`` float32 like ``slopes`` with ``slopes_grad``, else empty.
+    ``pos_offset`` as for :func:`launch_alibi_fwd`; ``partial_rows``: the keys are part of each
+    row's (a chunk pair of :mod:`posenc_triton.distributed`), ``out`` (best fp32) and ``lse``
+    the whole row's, and the slope gradient takes its ``delta`` from them."""
     varlen = cu_seqlens_q is not None
     grad_out, q, k, v, out = (alibi_launch.bhsd(t, layout, varlen)
                               for t in (grad_out, q, k, v, out))
@@ -162,7 +170,7 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
                 BIAS_PERIOD=bias_period, IS_CAUSAL=is_causal, IS_VARLEN=varlen)
         common = (*alibi_launch.lse_strides(lse, varlen),
                   alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn,
-                  num_heads // num_kv_heads, seqlen_q, seqlen_k,
+                  num_heads // num_kv_heads, seqlen_q, seqlen_k, pos_offset,
                   _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k))
         if dq.numel() > 0 and seqlen_q > 0:
             grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
@@ -171,6 +179,7 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
                 dslope_parts, *kv_descs, scale, dropout_p,
                 *alibi_launch.strides(q, k, v, grad_out, dq, varlen=varlen), *common[:5],
                 *dslope_parts.stride()[:2], *common[5:], HAS_SLOPE_GRAD=slopes_grad,
+                PARTIAL_ROWS=partial_rows,
                 **{**meta, "USE_TMA": dq_tma})
         if dk.numel() > 0 and seqlen_k > 0:
             grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)

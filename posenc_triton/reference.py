@@ -119,14 +119,11 @@ def apply_rope_reference(
 
 
 def alibi_slopes_list(num_heads: int) -> list:
-    """ALiBi slopes as Python floats (Press et al.; BLOOM's rule for other head counts).
+    """ALiBi slopes, a list of ``n`` Python floats (Press et al.; BLOOM's rule for any ``n``).
 
     Args:
         num_heads: ``n >= 1``. A power of two gets ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``; other
             ``n`` those of the closest power of two ``c < n``, then every other one of ``2c``.
-
-    Returns:
-        ``list`` of ``n`` floats.
     """
 
     def geometric(n):
@@ -141,21 +138,22 @@ def alibi_slopes_list(num_heads: int) -> list:
 
 
 def alibi_bias(
-    slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, is_causal: bool
+    slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, is_causal: bool, pos_offset: int = 0
 ) -> torch.Tensor:
-    """ALiBi additive bias, bottom-right aligned: query ``i`` sits at key ``i + Sk - Sq``.
+    """ALiBi additive bias: query ``i`` sits at key ``i + Sk - Sq + pos_offset``.
 
     Args:
-        slopes: float ``[H]`` or ``[B, H]``.
-        seqlen_q, seqlen_k: ``Sq`` and ``Sk``.
+        slopes: float ``[H]`` or ``[B, H]``. ``seqlen_q``, ``seqlen_k``: ``Sq`` and ``Sk``.
         is_causal: set keys ``j`` after query ``i`` to ``-inf``.
+        pos_offset: how far past bottom-right alignment the queries sit; default 0.
 
     Returns:
         ``[B or 1, H, Sq, Sk]`` in ``slopes``' dtype: ``-slope * |i - j|``, masked keys ``-inf``.
     """
     if slopes.dim() == 1:
         slopes = slopes.unsqueeze(0)
-    i = torch.arange(seqlen_q, device=slopes.device).view(-1, 1) + (seqlen_k - seqlen_q)
+    i = torch.arange(seqlen_q, device=slopes.device).view(-1, 1) + (seqlen_k - seqlen_q
+                                                                     + pos_offset)
     j = torch.arange(seqlen_k, device=slopes.device).view(1, -1)
     dist = (i - j).to(slopes.dtype)  # [Sq, Sk]
     bias = -slopes[:, :, None, None] * dist.abs()
@@ -177,6 +175,7 @@ def alibi_attention_reference(
     key_padding_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
+    pos_offset: int = 0,
 ) -> torch.Tensor:
     """Reference for :func:`posenc_triton.alibi_attention`, materialising ``Sq x Sk`` scores.
 
@@ -195,6 +194,7 @@ def alibi_attention_reference(
             ``1 / (1 - dropout_p)``, as SDPA does. Default ``0.0``.
         dropout_mask: bool ``[B, Hq, Sq, Sk]`` (True = keep) or None (default): the survivors,
             instead of drawing them (the kernels' mask, for tests).
+        pos_offset: as for :func:`alibi_bias`. Default 0.
 
     Returns:
         ``q``'s shape, dtype and layout.
@@ -213,7 +213,7 @@ def alibi_attention_reference(
     if slopes is None:
         slopes = torch.tensor(alibi_slopes_list(num_heads), device=q.device)
     soft = torch.promote_types(compute, torch.float32)
-    bias = alibi_bias(slopes.to(soft), q.shape[2], k.shape[2], is_causal)
+    bias = alibi_bias(slopes.to(soft), q.shape[2], k.shape[2], is_causal, pos_offset)
     if key_padding_mask is not None:
         bias = bias.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
     scores = (q @ k.transpose(-1, -2)).to(soft) * scale + bias

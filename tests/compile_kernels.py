@@ -32,7 +32,7 @@ ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf
               "KPM": "*u8", "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32", "SEED": "*i64",
               "DSLOPE": "*fp32", "dropout_p": "fp32"}
 # the dkdv kernel's period of the preprocess's query terms (ignored by the other kernels)
-BWD = {"BIAS_PERIOD": alibi_configs.bias_period()}
+BWD = {"BIAS_PERIOD": alibi_configs.bias_period(), "PARTIAL_ROWS": False}
 # the pointer path (bench/audit.py compiles the TMA one with real descriptors)
 POINTERS = {"K_DESC": None, "V_DESC": None, "Q_DESC": None, "DO_DESC": None, "USE_TMA": False}
 ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
@@ -97,18 +97,21 @@ def cases():
                    kernel, ATTN_TYPES_FP32 if fp32 else ATTN_TYPES, {**meta, **config.kwargs},
                    config.num_warps, config.num_stages)
         # Dropout and (dq) the slope gradient, at D=128 with the largest config.
-        for dropout, slope_grad in ((True, True), (False, True))[:2 if name == "dq" else 1]:
+        # dq also: the partial rows of a context-parallel chunk pair.
+        for dropout, slope_grad, partial in ((True, True, False), (False, True, False),
+                                             (False, True, True))[:3 if name == "dq" else 1]:
             meta = {"HEAD_DIM": 128, "BLOCK_D": 128, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                     "IS_VARLEN": False, "HAS_DROPOUT": dropout, "HAS_SLOPE_GRAD": slope_grad,
-                    "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, **BWD}
+                    "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, **BWD,
+                    "PARTIAL_ROWS": partial}
             config = alibi_configs.config(*configs[0])
             yield (f"alibi {name} D=128 dropout={dropout} slope_grad={slope_grad} "
-                   f"{tuple(config.kwargs.values())}", kernel, ATTN_TYPES,
+                   f"partial_rows={partial} {tuple(config.kwargs.values())}", kernel, ATTN_TYPES,
                    {**meta, **config.kwargs}, config.num_warps, config.num_stages)
         # Decode (Sq = 1), MHA, packed: lengths and group arrive specialised to constants.
         meta = {"HEAD_DIM": 64, "BLOCK_D": 64, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                 "IS_VARLEN": True, "HAS_DROPOUT": False, "HAS_SLOPE_GRAD": False,
-                "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, "BIAS_PERIOD": 64,
+                "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, **BWD, "BIAS_PERIOD": 64,
                 "BLOCK_M": 64, "BLOCK_N": 64, "seqlen_q": 1, "SQ_BUCKET": 1, "group": 1}
         yield f"alibi {name} D=64 varlen=True Sq=1 group=1", kernel, ATTN_TYPES, meta, 4, 2
     yield from decode_cases()

@@ -149,3 +149,17 @@ def padding_mask(kind, batch, seqlen_k, device=DEVICE):
     if kind == "left":
         pos = pos.flip(0)
     return (pos[None, :] < lengths[:, None]).to(device)
+
+
+def check_dslopes(got, ref64, ref_same, dtype):
+    """The slope gradient (float32 whatever ``dtype``) against float64 autograd."""
+    assert got.dtype == torch.float32 and got.shape == ref64.shape
+    assert not torch.isnan(got).any(), "dslopes has NaN"
+    size = ref64.abs().max().item()
+    err = (got.double() - ref64).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= TOLERANCES[torch.float32][0] * (1 + size), f"dslopes: error {err:.3g}"
+        return
+    base = (ref_same.double() - ref64).abs().max().item()
+    bound = 2 * base + TOLERANCES[dtype][1] * (1 + size)
+    assert err <= bound, f"dslopes: max error {err:.3g} > {bound:.3g} (same-dtype {base:.3g})"

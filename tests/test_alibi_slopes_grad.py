@@ -17,8 +17,8 @@ import posenc_triton.alibi as alibi_module
 from conftest import (
     DEVICE,
     FP32_BWD_ATOL,
-    TOLERANCES,
     check_compiled,
+    check_dslopes,
     check_error_rule,
     count_calls_of,
     fwd_bwd,
@@ -43,20 +43,6 @@ def _slopes(b, hq, per_batch):
     """Positive slopes of mixed sizes (fresh, not the default ones)."""
     slopes = alibi_slopes(hq, DEVICE) * (0.5 + torch.rand(b, hq, device=DEVICE))
     return slopes if per_batch else slopes[0]
-
-
-def check_dslopes(got, ref64, ref_same, dtype):
-    """The slope gradient (float32 whatever ``dtype``) against float64 autograd."""
-    assert got.dtype == torch.float32 and got.shape == ref64.shape
-    assert not torch.isnan(got).any(), "dslopes has NaN"
-    size = ref64.abs().max().item()
-    err = (got.double() - ref64).abs().max().item()
-    if dtype == torch.float32:
-        assert err <= TOLERANCES[torch.float32][0] * (1 + size), f"dslopes: error {err:.3g}"
-        return
-    base = (ref_same.double() - ref64).abs().max().item()
-    bound = 2 * base + TOLERANCES[dtype][1] * (1 + size)
-    assert err <= bound, f"dslopes: max error {err:.3g} > {bound:.3g} (same-dtype {base:.3g})"
 
 
 def _check(fast, ref, inputs, slopes):
