@@ -9,6 +9,8 @@ rank's traceback.
 import datetime
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import traceback
 
@@ -250,3 +252,21 @@ def test_ring(ring_failures, world, name):
     errors = ring_failures[world].get(name)
     assert not errors, "\n".join(errors)
 
+
+
+def test_benchmark_runs_under_torchrun_on_cpu():
+    # the multi-GPU benchmark's code path, on gloo: torchrun, two ranks, a table from rank 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), "-m",
+               "posenc_triton.bench.bench_context_parallel", "--cpu-dry-run", "--full"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| ring S=32 |" in result.stdout and "alibi_attention S=32" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_benchmark_without_cuda_says_what_it_needs():
+    result = subprocess.run([sys.executable, "-m", "posenc_triton.bench.bench_context_parallel"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "needs CUDA GPUs" in result.stderr
