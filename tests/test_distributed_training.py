@@ -101,7 +101,7 @@ CASES = [(kind, how) for kind in ("alibi", "rope", "llama", "bloom") for how in 
 def _worker(rank, port, folder):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=600))
     failures = {}
     for kind, how in CASES:
         try:
