@@ -7,6 +7,7 @@ before) is padding, so the loss never reads a padded position's logits.
 """
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -215,7 +216,7 @@ def test_apply_rejects_what_is_not_a_model():
         hf.apply("bigscience/bloom-560m")
 
 
-def test_fallback_output_attentions_and_dropout(count_calls, monkeypatch):
+def test_fallback_output_attentions_not_dropout(count_calls, monkeypatch):
     model = make_model(4).eval()
     inputs, _ = batch_inputs(padding="left")
     want = model(**inputs, output_attentions=True)
@@ -225,14 +226,22 @@ def test_fallback_output_attentions_and_dropout(count_calls, monkeypatch):
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     for a, b in zip(got.attentions, want.attentions):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Attention dropout in training is the kernel's fused dropout_p (exactness against
+    # transformers given the mask: test_integrations_models), with no fallback or warning.
     drop = make_model(4, attention_dropout=0.5)
     hf.apply(drop)
     monkeypatch.setattr("posenc_triton._backend._WARNED", set())
-    with pytest.warns(UserWarning, match="transformers' own attention in training"):
-        drop.train()(**inputs)  # dropout on the probabilities: original forward, said once
-    assert not count_calls
-    drop.eval()(**inputs)  # no dropout in eval: the kernel
-    assert len(count_calls) == 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*posenc_triton")
+        torch.manual_seed(0)
+        train = drop.train()(**inputs)
+        assert len(count_calls) == 2
+        train.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in drop.parameters())
+        drop.eval()(**inputs)  # no dropout in eval: the kernel with dropout_p=0
+        assert len(count_calls) == 4
+        drop.train()(**inputs, output_attentions=True)  # still transformers' own forward
+        assert len(count_calls) == 4
 
 
 def test_fallback_mask_with_holes_and_static_cache(count_calls):

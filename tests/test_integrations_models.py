@@ -153,7 +153,8 @@ def test_table_is_covered():
     assert set(hf.ARCHITECTURES) == {spec[0] for spec in MODELS.values()}
     assert len(hf.ARCHITECTURES) >= 20 and hf.supported_model_types() == sorted(hf.ARCHITECTURES)
     kinds = {k for name in MODELS for k in hf._kinds(make_config_only(name))[1]}
-    assert kinds == {f"rope/{k}" for k in hf.KINDS} | {
+    # (the hub function's kinds serve the decorated types beyond the table: test_coverage)
+    assert kinds == {f"rope/{k}" for k, kind in hf.KINDS.items() if kind not in hf.HUB_KINDS} | {
         "alibi/bloom", "alibi/mpt", "alibi/falcon"}
 
 
@@ -314,3 +315,127 @@ def test_fused_alibi_layers_pickle_and_are_per_instance(name):
     buf.seek(0)
     assert hf.patched_layers(torch.load(buf, weights_only=False)) == hf.patched_layers(model)
     assert model.state_dict().keys() == other.state_dict().keys()
+
+
+# ---- ALiBi attention dropout in training: the kernel's fused dropout_p --------------------
+
+P = 0.5  # attention dropout
+ALIBI = ["bloom", "mpt", "falcon-alibi"]
+
+
+def alibi_dropout_model(name, attn_implementation="eager"):
+    """The ALiBi model ``name`` with attention dropout ``P``. MPT's through its layers'
+    ``attn_dropout_p``: transformers 5.25's MptAttentionConfig types ``attn_pdrop`` as int."""
+    model_type, overrides = MODELS[name]
+    if name != "mpt":
+        overrides = {**overrides, "attention_dropout": P}
+    model = make_model(name, attn_implementation, spec=(model_type, overrides))
+    if name == "mpt":
+        for block in model.transformer.blocks:
+            block.attn.attn_dropout_p = P
+    return model
+
+
+def fixed_dropout(monkeypatch, masks=None):
+    """``F.dropout`` (nn.Dropout's too) made deterministic: the identity, drawing nothing,
+    except on attention probabilities ``[B, H, Sq, Sk]`` when ``masks`` is given, which keep
+    ``masks.pop(0)`` and are scaled by ``1 / (1 - p)``: transformers' attention dropout with
+    a chosen keep-mask, and no other dropout (MPT's and Falcon's residual ones share ``p``)."""
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if masks is None or not training or p == 0 or x.dim() != 4:
+            return x
+        return x.masked_fill(~masks.pop(0), 0.0) / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+
+
+def record_dropout_p(monkeypatch):
+    """The ``dropout_p`` of every alibi_attention call of the patched layers."""
+    from posenc_triton.integrations import _alibi_models
+
+    seen, real = [], _alibi_models.alibi_attention
+    monkeypatch.setattr(_alibi_models, "alibi_attention",
+                        lambda *a, **kw: seen.append(kw.get("dropout_p")) or real(*a, **kw))
+    return seen
+
+
+def no_posenc_warning(run):
+    """``run()``, asserting that it warns nothing of posenc_triton's (no fallback notice)."""
+    import warnings
+
+    from posenc_triton import _backend
+
+    _backend._WARNED.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = run()
+    assert not [w for w in seen if "posenc_triton" in str(w.message)], seen
+    return result
+
+
+@pytest.mark.parametrize("name", ALIBI)
+def test_alibi_training_dropout_runs_the_kernel_exactly(name, launches, monkeypatch):
+    # Training with attention dropout runs the fused kernel (no fallback, no warning) and is
+    # transformers' eager attention with the kernel's keep-mask: the masks a seeded step
+    # draws (one Philox key per layer, from torch's generator) are materialised by the test
+    # hook and handed to transformers' dropout; logits, loss and every gradient agree.
+    from posenc_triton import alibi_ops
+
+    model = alibi_dropout_model(name).train()
+    inputs, keep = batch_inputs("right")
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    torch.manual_seed(1234)
+    seeds = [alibi_ops.draw_dropout_seed(DEVICE) for _ in range(layers)]
+    masks = [alibi_ops.dropout_keep_mask(s, P, 2, heads, SEQLEN, SEQLEN) for s in seeds]
+    assert all(0.3 < m.float().mean() < 0.7 for m in masks)
+    left = list(masks)
+    fixed_dropout(monkeypatch, left)
+    logits, loss, grads = model_step(model, inputs)
+    assert not left and not launches  # every layer's probabilities took its mask
+    hf.apply(model)
+    fixed_dropout(monkeypatch)
+    dropout_ps = record_dropout_p(monkeypatch)
+    torch.manual_seed(1234)
+    p_logits, p_loss, p_grads = no_posenc_warning(lambda: model_step(model, inputs))
+    assert len(launches) == layers and dropout_ps == [P] * layers
+    assert rel_err(p_logits[keep], logits[keep]) <= 1e-5
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        assert torch.isfinite(p_grads[n]).all(), n
+        scale = grads[n].abs().max().item()
+        torch.testing.assert_close(p_grads[n], grads[n], rtol=1e-4, atol=1e-4 * scale + 1e-9,
+                                   msg=lambda m, n=n: f"grad of {n}: {m}")
+    qkv = [g for n, g in p_grads.items() if "query_key_value" in n or "Wqkv" in n]
+    assert len(qkv) >= layers and all(g.abs().sum() > 0 for g in qkv)
+
+
+@pytest.mark.parametrize("name, impl", [(n, "eager") for n in ALIBI] + [
+    ("falcon-alibi", "sdpa")])
+def test_alibi_training_dropout_is_seeded_and_off_in_eval(name, impl, launches, monkeypatch):
+    # A seeded step repeats; another seed drops other probabilities; eval drops nothing (the
+    # kernel with dropout_p=0 gives the dropout-free model's output). Falcon's SDPA path too.
+    model = alibi_dropout_model(name, impl)
+    inputs, keep = batch_inputs("right")
+    del inputs["labels"]
+    with torch.no_grad():
+        want = model.eval()(**inputs).logits
+    hf.apply(model)
+    fixed_dropout(monkeypatch)  # only the attention dropout is random
+    dropout_ps = record_dropout_p(monkeypatch)
+    layers = model.config.num_hidden_layers
+
+    def logits(seed, train=True):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model.train(train)(**inputs).logits
+
+    first, again, other = no_posenc_warning(lambda: (logits(1), logits(1), logits(2)))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert rel_err(first[keep], want[keep]) > 1e-3  # the dropout does change the output
+    assert dropout_ps == [P] * (3 * layers)
+    evaluated = logits(3, train=False)
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.get_rng_state())  # eval draws no random number
+    assert dropout_ps[3 * layers:] == [0.0] * layers and len(launches) == 4 * layers
+    assert rel_err(evaluated[keep], want[keep]) <= 1e-5

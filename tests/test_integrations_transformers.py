@@ -19,7 +19,7 @@ from transformers.models.mistral import modeling_mistral  # noqa: E402
 from transformers.models.phi3 import modeling_phi3  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
-from posenc_triton.integrations import _rope_dropins, _rope_patch  # noqa: E402
+from posenc_triton.integrations import _hub, _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
 from posenc_triton.integrations._rope_dropins import fused_apply_rotary_pos_emb  # noqa: E402
 
@@ -264,7 +264,9 @@ def check_model(model, inputs, count_calls, rtol=1e-5, atol=1e-5):
     assert not count_calls
     hf.apply(model)
     layers = hf.patched_layers(model).values()
-    assert list(layers) == [["rope/rotate_half"]] * model.config.num_hidden_layers
+    # transformers' hub hook where it is decorated and usable, else the patch table.
+    route = "rope/rotate_half" if _hub.unavailable() else "hub/rotary_pos_emb"
+    assert list(layers) == [[route]] * model.config.num_hidden_layers
     p_logits, p_loss, p_grads = model_step(model, inputs)
     # The patch is live: one fused launch per layer (the backward runs through autograd).
     assert len(count_calls) == model.config.num_hidden_layers

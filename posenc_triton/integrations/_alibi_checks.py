@@ -14,7 +14,6 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from posenc_triton import _backend
 from posenc_triton.integrations._hf import modeling
 
 BLOOM = "transformers.models.bloom.modeling_bloom"
@@ -119,14 +118,10 @@ def mask_value_check(mask, visible, expected):
     return torch.where(visible, mask == expected, mask <= low).all()
 
 
-def must_fall_back(module, training_dropout: float, verify: bool, **flags) -> bool:
-    """Whether a layer must run transformers' own forward before looking at its tensors."""
-    dropout = module.training and training_dropout > 0
-    if dropout:
-        _backend.warn_once(f"posenc_triton: {type(module).__name__} runs transformers' own "
-                           "attention in training with attention dropout > 0 (the fused path "
-                           "runs without dropout)")
-    return any(flags.values()) or dropout or (verify and torch.compiler.is_compiling())
+def must_fall_back(verify: bool, **flags) -> bool:
+    """Whether a layer must run transformers' own forward before looking at its tensors:
+    one of ``flags`` is set, or the mask check cannot run (``verify`` inside a compile)."""
+    return any(flags.values()) or (verify and torch.compiler.is_compiling())
 
 
 def check_keys(got: int, want: int, where: str) -> None:

@@ -43,10 +43,17 @@ version counter (inference tensors have none) or is shared across threads. With
 ``check_masks=False`` nothing is read (for ``torch.compile`` and CUDA graphs) and the mask is
 trusted to be what transformers builds for a dynamic cache with contiguous padding.
 
+Attention dropout (BLOOM's and Falcon's ``attention_dropout``, MPT's ``attn_dropout_p``:
+an ``nn.Dropout`` up to transformers 5.24, a float since 5.25) is the kernel's fused
+``dropout_p``: ``p`` in training, 0 in eval. As in transformers, the probabilities are
+dropped and the survivors scaled by ``1 / (1 - p)``; the keep-mask is drawn from a Philox key
+taken from PyTorch's generator (``torch.manual_seed`` reproduces a step) and regenerated in
+the backward, never stored. It is not transformers' mask (their ``F.dropout`` draws its own
+numbers), so a training step matches theirs in distribution, not bit for bit.
+
 The original forward runs instead (same outputs, same cache update) for
-``output_attentions=True``, attention dropout ``p > 0`` in training, a ``head_mask``, a mask or
-bias the kernel does not reproduce (e.g. a static cache's prefill), and inside
-``torch.compile`` with ``check_masks=True``.
+``output_attentions=True``, a ``head_mask``, a mask or bias the kernel does not reproduce
+(e.g. a static cache's prefill), and inside ``torch.compile`` with ``check_masks=True``.
 
 Padded query rows (left padding, before the first real token) see no key: the kernel outputs
 0 there where transformers' softmax averages every value. Padded positions never reach an
@@ -103,9 +110,10 @@ def _theirs(layer):
     return cls.forward.__get__(layer)
 
 
-def _dropout_p(dropout) -> float:
-    """The attention dropout probability: an ``nn.Dropout`` (<= 5.24) or a float (5.25)."""
-    return float(getattr(dropout, "p", dropout) or 0.0)
+def _dropout_p(layer, dropout) -> float:
+    """The probability the kernel drops attention probabilities with: ``dropout`` (an
+    ``nn.Dropout`` up to transformers 5.24, a float since 5.25) in training, 0 in eval."""
+    return float(getattr(dropout, "p", dropout) or 0.0) if layer.training else 0.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     verify = getattr(self, FLAG, True)
     ok = False
     if not must_fall_back(
-            self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
+            verify, attentions=output_attentions,
             head_mask=kwargs.get("head_mask") is not None, beta=self.beta != 1.0,
             empty=seqlen_q == 0,
             mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4,
@@ -162,7 +170,8 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     # bshd views (no copy): the output comes back contiguous [B, Sq, H, D].
     context = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes, is_causal=True, scale=float(self.inv_norm_factor),
-                              layout="bshd", key_padding_mask=kpm)
+                              layout="bshd", key_padding_mask=kpm,
+                              dropout_p=_dropout_p(self, self.attention_dropout))
     context = context.reshape(batch, seqlen_q, num_heads * head_dim)
 
     # The rest as in transformers' BloomAttention.forward.
@@ -192,7 +201,7 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
     verify = getattr(self, FLAG, True)
     ok = False
     if not must_fall_back(
-            self, attn.attn_dropout_p, verify, attentions=output_attentions,
+            verify, attentions=output_attentions,
             empty=seqlen_q == 0,
             mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
             or attention_mask.dtype != torch.bool,
@@ -234,7 +243,8 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
     check_keys(key.shape[1], seqlen_k, "MptAttention")
     context = _attention(query, key, value, slopes, is_causal=True,
                               scale=float(attn.softmax_scale), layout="bshd",
-                              key_padding_mask=kpm)
+                              key_padding_mask=kpm,
+                              dropout_p=_dropout_p(attn, attn.attn_dropout_p))
     hidden_states = self.resid_attn_dropout(attn.out_proj(context.reshape(batch, seqlen_q, -1)))
     hidden_states = hidden_states + residual
     return self.ffn(self.norm_2(hidden_states), hidden_states), None
@@ -256,7 +266,7 @@ def _falcon_alibi_forward(self, hidden_states, alibi, attention_mask, position_i
     verify = getattr(self, FLAG, True)
     ok = False
     if not must_fall_back(
-            self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
+            verify, attentions=output_attentions,
             empty=seqlen_q == 0, alibi=not isinstance(alibi, torch.Tensor),
             mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
             or not attention_mask.is_floating_point()):
@@ -301,7 +311,8 @@ def _falcon_alibi_forward(self, hidden_states, alibi, attention_mask, position_i
     context = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes * (times * self.inv_norm_factor), is_causal=True,
                               scale=float(self.inv_norm_factor), layout="bshd",
-                              key_padding_mask=kpm)
+                              key_padding_mask=kpm,
+                              dropout_p=_dropout_p(self, self.attention_dropout))
     context = context.reshape(batch, seqlen_q, num_heads * head_dim)
     return self.dense(context), None
 
@@ -318,7 +329,7 @@ def _falcon_folded_forward(self, hidden_states, attention_mask, position_ids=Non
     verify = getattr(self, FLAG, True)
     ok = False
     if self.config.alibi and not must_fall_back(
-            self, _dropout_p(self.attention_dropout), verify, attentions=output_attentions,
+            verify, attentions=output_attentions,
             empty=seqlen_q == 0,
             mask=not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
             or not attention_mask.is_floating_point()):
@@ -369,7 +380,8 @@ def _falcon_folded_forward(self, hidden_states, attention_mask, position_ids=Non
     check_keys(key.shape[1], seqlen_k, "FalconAttention")
     # FalconModel folds alibi / sqrt(head_dim) into the mask; the scores are scaled by .scaling.
     context = _attention(query, key, value, slopes / head_dim ** 0.5, is_causal=True,
-                         scale=float(self.scaling), layout="bshd", key_padding_mask=kpm)
+                         scale=float(self.scaling), layout="bshd", key_padding_mask=kpm,
+                         dropout_p=_dropout_p(self, self.attention_dropout))
     return self.dense(context.reshape(batch, seqlen_q, num_heads * head_dim)), None
 
 

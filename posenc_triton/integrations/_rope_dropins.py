@@ -172,8 +172,10 @@ def _rotate_q_k(q, k, cos, sin, unsqueeze_dim=1, *, table: str, interleaved: boo
             full = (cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1))
     elif table == "pairs":
         cos, sin = cos[..., 0::2], sin[..., 0::2]
-    else:
+    elif interleaved:  # "direct" pairs
         full = (cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1))
+    else:  # "direct" halves
+        full = (torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
 
     def out_dtype(x):
         return x.dtype if keep_dtype else torch.promote_types(
@@ -234,6 +236,31 @@ def fused_apply_rotary_pos_emb_fp32(q, k, cos, sin, unsqueeze_dim=1):
     """Rotate-half computed in fp32 and cast back to q's/k's dtype (OLMo, OLMo-2)."""
     return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
                keep_dtype=True)
+
+
+def _hub_table(q, cos) -> str:
+    # The decorated function multiplies q by cos element-wise, so cos is as wide as q there
+    # (``cat(f, f)``); a table half as wide is GPT-OSS's ``f`` (its halves rotate by it).
+    if (isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() == 4
+            and cos.dim() >= 1 and 2 * cos.shape[-1] == q.shape[-1]):
+        return "direct"
+    return "halves"
+
+
+def fused_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' hub-kernel function ``rotary_pos_emb``: the ``apply_rotary_pos_emb``
+    that model types decorate with ``use_kernel_forward_from_hub("rotary_pos_emb")``.
+
+    Rotate-half, full width: ``cos/sin [B or 1, S, D]`` as ``cat(f, f)`` (Llama and most), or
+    ``[B or 1, S, D/2]`` as ``f`` (GPT-OSS). The result is the promotion of q/k with cos/sin."""
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table=_hub_table(q, cos),
+                       interleaved=False, keep_dtype=False)
+
+
+def fused_rotary_pos_emb_fp32(q, k, cos, sin, unsqueeze_dim=1):
+    """:func:`fused_rotary_pos_emb` cast back to q's/k's dtype (ModernBERT, ESM, HunYuan-VL)."""
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table=_hub_table(q, cos),
+                       interleaved=False, keep_dtype=True)
 
 
 def fused_apply_rotary_pos_emb_glm(q, k, cos, sin, unsqueeze_dim=1):

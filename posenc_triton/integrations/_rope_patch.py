@@ -35,7 +35,9 @@ class RopeKind:
     function: str  # the module global the attention forward calls
     dropin: Callable
     call: str  # the signature family: "qk", "single", "gptj", "deinterleave", "complex"
-    table: str = "halves"  # cos/sin layout: "halves" cat(f, f), "pairs" repeat_interleave(f)
+    # cos/sin layout: "halves" cat(f, f), "pairs" repeat_interleave(f), "either" (the hub
+    # function ``rotary_pos_emb``): cat(f, f), or else f, R/2 wide (GPT-OSS)
+    table: str = "halves"
 
 
 _APPLY = "apply_rotary_pos_emb"
@@ -50,7 +52,12 @@ KINDS: dict[str, RopeKind] = {k.name: k for k in (
     RopeKind("deinterleave", "apply_rotary_pos_emb_interleave",
              dropins.fused_apply_rotary_pos_emb_interleave, "deinterleave"),
     RopeKind("complex", "apply_rotary_emb", dropins.fused_apply_rotary_emb_complex, "complex"),
+    RopeKind("rotary_pos_emb", _APPLY, dropins.fused_rotary_pos_emb, "qk", "either"),
+    RopeKind("rotary_pos_emb_fp32", _APPLY, dropins.fused_rotary_pos_emb_fp32, "qk", "either"),
 )}
+#: The kinds of transformers' hub-kernel function ``rotary_pos_emb`` (the decorated
+#: ``apply_rotary_pos_emb``), in the order a probe tries them.
+HUB_KINDS = (KINDS["rotary_pos_emb"], KINDS["rotary_pos_emb_fp32"])
 _DROPINS = {k.dropin: k for k in KINDS.values()}
 
 # (module name, function name) -> the function it had before a drop-in replaced it.
@@ -64,8 +71,9 @@ _PROBED: dict[tuple[Callable, str], Optional[str]] = {}
 # ----------------------------------------------------------------------------------------
 
 
-def _probe_cases(kind: RopeKind, x_dtype: torch.dtype):
-    """``(args, kwargs, partial)`` calls of the kind's signature on random inputs."""
+def _probe_cases(kind: RopeKind, x_dtype: torch.dtype, table: str):
+    """``(args, kwargs, partial)`` calls of the kind's signature on random inputs, cos/sin
+    laid out as ``table`` says."""
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape, dtype=x_dtype):
@@ -75,7 +83,7 @@ def _probe_cases(kind: RopeKind, x_dtype: torch.dtype):
     f64 = torch.float64
     for rot in (d, d // 2):
         partial = rot < d
-        if partial and kind.call in ("gptj", "deinterleave", "complex"):
+        if partial and (kind.call in ("gptj", "deinterleave", "complex") or table == "direct"):
             continue  # their originals require the full width
         freqs = randn(b, s, rot // 2, dtype=f64) * 3
         if kind.call == "gptj":
@@ -85,8 +93,8 @@ def _probe_cases(kind: RopeKind, x_dtype: torch.dtype):
             cis = torch.polar(torch.ones_like(freqs), freqs)
             yield (randn(b, s, hq, d), randn(b, s, hk, d), cis), {}, partial
             continue
-        emb = (torch.cat((freqs, freqs), -1) if kind.table == "halves"
-               else freqs.repeat_interleave(2, -1))
+        emb = {"halves": torch.cat((freqs, freqs), -1), "direct": freqs,
+               "pairs": freqs.repeat_interleave(2, -1)}[table]
         cos, sin = emb.cos(), emb.sin()
         for ud in (1, 2):
             q, k = randn(b, hq, s, d), randn(b, hk, s, d)
@@ -126,25 +134,35 @@ def probe(kind: RopeKind, fn) -> Optional[str]:
 def _probe(kind: RopeKind, fn) -> Optional[str]:
     if not callable(fn):
         return f"it is not callable ({type(fn).__name__})"
+    if kind.table != "either":
+        return _probe_table(kind, fn, kind.table)[0]
+    # The original takes one of the two layouts: the other raises on its full-width call.
+    reason, raised = _probe_table(kind, fn, "halves")
+    return _probe_table(kind, fn, "direct")[0] if raised else reason
+
+
+def _probe_table(kind: RopeKind, fn, table: str) -> tuple[Optional[str], bool]:
+    """``(why not, or None; whether the original raised)`` on ``table``'s layout."""
     # float64 everywhere (the drop-in's plain-PyTorch path), then fp32 q/k with float64
     # cos/sin: the dtype of the result (promotion, or q's dtype for fp32-and-cast models).
     for x_dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-5)):
-        for args, kwargs, partial in _probe_cases(kind, x_dtype):
+        for args, kwargs, partial in _probe_cases(kind, x_dtype, table):
             try:
                 with torch.no_grad():
                     want = fn(*args, **kwargs)
             except Exception as e:
                 if partial:  # partial rotary unsupported by the original: ours accepts more
                     continue
-                return f"it raised {type(e).__name__}: {e} on {kind.name} inputs"
+                return (f"it raised {type(e).__name__}: {e} on {kind.name} inputs ({table} "
+                        f"cos/sin)"), True
             with torch.no_grad():
                 got = kind.dropin(*args, **kwargs)
             if not _same(got, want, tol):
                 what = "partial" if partial else "full"
                 return (f"it does not compute the {kind.name} rotation of "
                         f"{kind.dropin.__name__} ({what} rotary width, {kwargs or 'defaults'}, "
-                        f"{x_dtype} inputs)")
-    return None
+                        f"{x_dtype} inputs)"), False
+    return None, False
 
 
 # ----------------------------------------------------------------------------------------

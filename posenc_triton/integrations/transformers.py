@@ -30,16 +30,17 @@ patch function runs (:mod:`._hf`).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from posenc_triton.integrations import _alibi_patch, _rope_patch
+from posenc_triton.integrations import _alibi_patch, _hub, _rope_patch
 from posenc_triton.integrations._hf import require_transformers
-from posenc_triton.integrations._rope_patch import KINDS
+from posenc_triton.integrations._hub import kernel_config, kernel_mapping
+from posenc_triton.integrations._rope_patch import HUB_KINDS, KINDS
 
-__all__ = ["ARCHITECTURES", "ROPE_LAYERS", "apply", "patched_layers", "supported_model_types",
-           "unpatch"]
+__all__ = ["ARCHITECTURES", "ROPE_LAYERS", "apply", "kernel_config", "kernel_mapping",
+           "patched_layers", "supported_model_types", "unpatch"]
 
 
 def _deepseek(config) -> tuple[str, ...]:
@@ -103,9 +104,14 @@ def _kinds(model) -> tuple[str, tuple[str, ...]]:
     model_type = getattr(config, "model_type", None)
     entry = ARCHITECTURES.get(model_type)
     if entry is None:
-        raise ValueError(
-            f"posenc_triton cannot patch {type(model).__name__} (model_type={model_type!r}); "
-            f"supported model types: {', '.join(supported_model_types())}")
+        # Any other model whose attention calls transformers' hub function rotary_pos_emb.
+        if not _rope_patch.rope_sites(model, HUB_KINDS[:1], ROPE_LAYERS.get(model_type)):
+            raise ValueError(
+                f"posenc_triton cannot patch {type(model).__name__} (model_type={model_type!r}); "
+                f"supported model types: {', '.join(supported_model_types())}, and any whose "
+                f"attention calls transformers' hub function rotary_pos_emb (a decorated "
+                f"apply_rotary_pos_emb)")
+        return model_type, ("rope/rotary_pos_emb",)
     return model_type, (entry(config) if callable(entry) else entry)
 
 
@@ -166,12 +172,59 @@ def _prepare(model, model_type: str, kind: str, check_masks: bool) -> Callable:
     sites = _rope_patch.rope_sites(model, [rope], ROPE_LAYERS.get(model_type))
     if not sites:
         raise ValueError(f"no layer calls {rope.function}")
+    hub = _prepare_hub(model, sites, rope)
+    if hub is not None:
+        return hub
+    if rope in HUB_KINDS:  # a hub function, here through the patch table: the kind that fits
+        rope = _hub_kind(sites)
     targets = list({mod.__name__: (mod, rope) for _, mod, _ in sites}.values())
     reasons = [f"{mod.__name__}.{rope.function}: {reason}" for mod, _ in targets
                if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
     if reasons:
         raise ValueError("; ".join(reasons))
     return lambda: _rope_patch.install(targets)
+
+
+def _hub_kind(sites):
+    """The kind of :data:`HUB_KINDS` whose drop-in computes what every site's function does."""
+    reasons = []
+    for rope in HUB_KINDS:
+        why = [f"{mod.__name__}.{rope.function}: {reason}" for mod in {m for _, m, _ in sites}
+               if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
+        if not why:
+            return rope
+        reasons += why
+    raise ValueError("; ".join(reasons))
+
+
+def _prepare_hub(model, sites, rope) -> Optional[Callable]:
+    """The install function of the hub route for ``sites``, or None where it does not apply:
+    a function not decorated for the hook at every site, or the hook unavailable here. A user's
+    own ``KernelConfig`` mapping ``rotary_pos_emb`` is respected: a ValueError says so."""
+    if rope.function != "apply_rotary_pos_emb":
+        return None
+    modules = dict(model.named_modules())
+    funcs = [_hub.hub_func(modules[path], _rope_patch.original(mod, rope.function))
+             for path, mod, _ in sites]
+    if not funcs or any(fn is None for fn in funcs) or _hub.unavailable() is not None:
+        return None
+    if _hub.user_mapping(model):
+        raise ValueError("its kernel_config maps rotary_pos_emb to the user's own kernel (kept)")
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    if device not in ("cuda", "cpu"):
+        return None
+    kind = _hub_kind(sites)
+    return lambda: _hub.install(model, funcs, kind.name, device)
+
+
+def _hub_funcs_of(model) -> list:
+    """Every ``rotary_pos_emb`` ``Func`` module of ``model``'s layers running our layer."""
+    funcs = []
+    for layer in model.modules():
+        for fn in (layer.__dict__.get("_kernel_funcs") or {}).values():
+            if _hub.ours(fn) is not None:
+                funcs.append(fn)
+    return funcs
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -188,6 +241,10 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sites = _rope_patch.rope_sites(model, KINDS.values())
     _rope_patch.restore({mod.__name__ for _, mod, _ in sites})
+    funcs = _hub_funcs_of(model)
+    if funcs or "_posenc_kernel_config" in model.__dict__:
+        device = next((p.device.type for p in model.parameters()), "cpu")
+        _hub.restore(model, funcs, device)
     _alibi_patch.unpatch_alibi(model)
     return model
 
@@ -205,5 +262,12 @@ def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    rope = _rope_patch.patched_rope_layers(model, ROPE_LAYERS.get(model_type))
-    return {**rope, **_alibi_patch.patched_alibi_layers(model)}
+    rotates = ROPE_LAYERS.get(model_type)
+    layers = _rope_patch.patched_rope_layers(model, rotates)
+    modules = dict(model.named_modules())
+    for path, mod, kind in _rope_patch.rope_sites(model, HUB_KINDS[:1], rotates):
+        fn = _hub.hub_func(modules[path], _rope_patch.original(mod, kind.function))
+        name = None if fn is None else _hub.ours(fn)
+        if name is not None and path not in layers:
+            layers[path] = [f"hub/{name}"]
+    return {**layers, **_alibi_patch.patched_alibi_layers(model)}
