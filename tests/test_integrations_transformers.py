@@ -265,7 +265,8 @@ def check_model(model, inputs, count_calls, rtol=1e-5, atol=1e-5):
     hf.apply(model)
     layers = hf.patched_layers(model).values()
     # transformers' hub hook where it is decorated and usable, else the patch table.
-    route = "rope/rotate_half" if _hub.unavailable() else "hub/rotary_pos_emb"
+    hooked = hasattr(modeling_llama.apply_rotary_pos_emb, "kernel_layer_name")
+    route = "hub/rotary_pos_emb" if hooked and not _hub.unavailable() else "rope/rotate_half"
     assert list(layers) == [[route]] * model.config.num_hidden_layers
     p_logits, p_loss, p_grads = model_step(model, inputs)
     # The patch is live: one fused launch per layer (the backward runs through autograd).

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from posenc_triton.integrations import _rope_dropins as dropins
+from posenc_triton.integrations import _rope_patch
 
 #: The name transformers registers its decorated RoPE function under.
 LAYER_NAME = "rotary_pos_emb"
@@ -52,8 +53,20 @@ class RotaryPosEmbFP32(torch.nn.Module):
         return dropins.fused_rotary_pos_emb_fp32(q, k, cos, sin, unsqueeze_dim)
 
 
+class RotaryPosEmbInterleaved(torch.nn.Module):
+    """``rotary_pos_emb`` of the models rotating interleaved pairs ``(2i, 2i+1)`` by
+    ``cos/sin [B or 1, S, D/2]``."""
+
+    has_backward = True
+    can_torch_compile = True
+
+    def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+        return dropins.fused_rotary_pos_emb_interleaved(q, k, cos, sin, unsqueeze_dim)
+
+
 #: rope kind name (:data:`._rope_patch.HUB_KINDS`) -> the repository layer computing it.
-LAYERS = {"rotary_pos_emb": RotaryPosEmb, "rotary_pos_emb_fp32": RotaryPosEmbFP32}
+LAYERS = {"rotary_pos_emb": RotaryPosEmb, "rotary_pos_emb_fp32": RotaryPosEmbFP32,
+          "rotary_pos_emb_interleaved": RotaryPosEmbInterleaved}
 
 
 def unavailable() -> Optional[str]:
@@ -94,16 +107,33 @@ def kernel_config():
                     f"{type(model).__name__} registers no '{LAYER_NAME}' hub function (its "
                     f"attention is not decorated with use_kernelized_func(apply_rotary_pos_emb))"
                     f"; use posenc_triton.integrations.transformers.apply(model) instead")
+            # The layer that computes what this model's function computes (probed), or a
+            # ValueError naming what differs: never a silently different rotation.
+            sites = _rope_patch.rope_sites(model, _rope_patch.HUB_KINDS[:1])
+            self.posenc_layer = LAYERS[choose_kind(sites).name].__name__
 
         def create_compatible_mapping(self, model, compile=False):
             # The model's other hub layers keep transformers' own code (an empty entry: no
             # download, no "no mapping" warning per layer).
             names = set(self.registered_layer_names.values()) - {LAYER_NAME}
             others = {name: {} for name in names}
-            self.kernel_mapping = {**others, **kernel_mapping()}
+            self.kernel_mapping = {**others, **kernel_mapping(self.posenc_layer)}
 
     return PosencKernelConfig(kernel_mapping={LAYER_NAME: f"{REPOSITORY}:RotaryPosEmb"},
                               use_local_kernel=True)
+
+
+def choose_kind(sites) -> _rope_patch.RopeKind:
+    """The first of :data:`._rope_patch.HUB_KINDS` whose drop-in computes what the function of
+    every site (``rope_sites`` triples) computes; a ValueError says why none does."""
+    reasons = []
+    for rope in _rope_patch.HUB_KINDS:
+        why = [f"{mod.__name__}.{rope.function}: {reason}" for mod in {m for _, m, _ in sites}
+               if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
+        if not why:
+            return rope
+        reasons += why
+    raise ValueError("; ".join(reasons) or "no layer calls apply_rotary_pos_emb")
 
 
 def _is_hub_func(fn) -> bool:

@@ -263,6 +263,13 @@ def fused_rotary_pos_emb_fp32(q, k, cos, sin, unsqueeze_dim=1):
                        interleaved=False, keep_dtype=True)
 
 
+def fused_rotary_pos_emb_interleaved(q, k, cos, sin, unsqueeze_dim=1):
+    """The hub function ``rotary_pos_emb`` of the models that rotate interleaved pairs
+    ``(2i, 2i+1)`` by ``cos/sin [B or 1, S, D/2]`` (OpenAI's privacy filter)."""
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="direct", interleaved=True,
+                       keep_dtype=False)
+
+
 def fused_apply_rotary_pos_emb_glm(q, k, cos, sin, unsqueeze_dim=1):
     """Interleaved pairs with ``cat(f, f)`` cos/sin, partial width ``R = cos.shape[-1]``
     (GLM, GLM-4, Helium: ``cos[..., :R/2].repeat_interleave(2)`` then rotate every two)."""

@@ -54,10 +54,13 @@ KINDS: dict[str, RopeKind] = {k.name: k for k in (
     RopeKind("complex", "apply_rotary_emb", dropins.fused_apply_rotary_emb_complex, "complex"),
     RopeKind("rotary_pos_emb", _APPLY, dropins.fused_rotary_pos_emb, "qk", "either"),
     RopeKind("rotary_pos_emb_fp32", _APPLY, dropins.fused_rotary_pos_emb_fp32, "qk", "either"),
+    RopeKind("rotary_pos_emb_interleaved", _APPLY, dropins.fused_rotary_pos_emb_interleaved,
+             "qk", "direct"),
 )}
 #: The kinds of transformers' hub-kernel function ``rotary_pos_emb`` (the decorated
 #: ``apply_rotary_pos_emb``), in the order a probe tries them.
-HUB_KINDS = (KINDS["rotary_pos_emb"], KINDS["rotary_pos_emb_fp32"])
+HUB_KINDS = (KINDS["rotary_pos_emb"], KINDS["rotary_pos_emb_fp32"],
+             KINDS["rotary_pos_emb_interleaved"])
 _DROPINS = {k.dropin: k for k in KINDS.values()}
 
 # (module name, function name) -> the function it had before a drop-in replaced it.

@@ -84,7 +84,14 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
 #: ``model_type`` -> which of its layers rotate, where the attention calls the RoPE function
 #: under a condition of its own (Cohere-2: only its sliding-window layers use RoPE).
 ROPE_LAYERS: dict[str, Callable] = {
-    "cohere2": lambda layer: getattr(layer, "sliding_window", None) is not None,
+    **dict.fromkeys(("cohere2", "flint"),
+                    lambda layer: getattr(layer, "sliding_window", None) is not None),
+    **dict.fromkeys(("exaone4", "exaone_moe", "kolibri1"),
+                    lambda layer: getattr(layer, "sliding_window", None) is None
+                    or getattr(layer, "is_sliding", False)),
+    "kolibri1_1": lambda layer: (getattr(layer, "is_sliding", False)
+                                 and not getattr(layer, "is_kv_shared_layer", False)),
+    "afmoe": lambda layer: getattr(layer, "is_local_attention", False),
 }
 
 
@@ -176,25 +183,13 @@ def _prepare(model, model_type: str, kind: str, check_masks: bool) -> Callable:
     if hub is not None:
         return hub
     if rope in HUB_KINDS:  # a hub function, here through the patch table: the kind that fits
-        rope = _hub_kind(sites)
+        rope = _hub.choose_kind(sites)
     targets = list({mod.__name__: (mod, rope) for _, mod, _ in sites}.values())
     reasons = [f"{mod.__name__}.{rope.function}: {reason}" for mod, _ in targets
                if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
     if reasons:
         raise ValueError("; ".join(reasons))
     return lambda: _rope_patch.install(targets)
-
-
-def _hub_kind(sites):
-    """The kind of :data:`HUB_KINDS` whose drop-in computes what every site's function does."""
-    reasons = []
-    for rope in HUB_KINDS:
-        why = [f"{mod.__name__}.{rope.function}: {reason}" for mod in {m for _, m, _ in sites}
-               if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
-        if not why:
-            return rope
-        reasons += why
-    raise ValueError("; ".join(reasons))
 
 
 def _prepare_hub(model, sites, rope) -> Optional[Callable]:
@@ -213,7 +208,7 @@ def _prepare_hub(model, sites, rope) -> Optional[Callable]:
     device = next((p.device.type for p in model.parameters()), "cpu")
     if device not in ("cuda", "cpu"):
         return None
-    kind = _hub_kind(sites)
+    kind = _hub.choose_kind(sites)
     return lambda: _hub.install(model, funcs, kind.name, device)
 
 

@@ -1,5 +1,5 @@
 """The layers ``kernels.LocalLayerRepository`` loads from this repository."""
 
-from posenc_triton.integrations._hub import RotaryPosEmb, RotaryPosEmbFP32
+from posenc_triton.integrations._hub import RotaryPosEmb, RotaryPosEmbFP32, RotaryPosEmbInterleaved
 
-__all__ = ["RotaryPosEmb", "RotaryPosEmbFP32"]
+__all__ = ["RotaryPosEmb", "RotaryPosEmbFP32", "RotaryPosEmbInterleaved"]
