@@ -32,8 +32,11 @@ SHRINK = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
           "head_dim": 16, "max_position_embeddings": 64, "moe_intermediate_size": 32,
           "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
-          "num_experts_per_tok": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-MAX_PARAMS = 4_000_000
+          "num_experts_per_tok": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+          # vision and audio towers
+          "depth": 2, "num_heads": 4, "embed_dim": 64, "out_hidden_size": 64,
+          "num_layers": 2, "encoder_layers": 2, "decoder_layers": 2, "projector_hidden_size": 64}
+MAX_PARAMS = 12_000_000
 SEQLEN = 10
 
 
@@ -55,18 +58,79 @@ def _decorated_types() -> list[str]:
 TYPES = _decorated_types()
 
 
-def _shrink(config):
-    for key, value in SHRINK.items():
-        if isinstance(getattr(config, key, None), int) and not isinstance(
-                getattr(config, key), bool):
+MLA = {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+       "v_head_dim": 16, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
+       "first_k_dense_replace": 1}
+#: Per-type values the generic shrinker cannot guess (after it): attribute -> value.
+OVERRIDES = {
+    "dbrx": lambda c: (setattr(c, "d_model", 64), setattr(c, "n_heads", 4),
+                       setattr(c, "n_layers", 2), setattr(c, "max_seq_len", 64),
+                       setattr(c.attn_config, "kv_n_heads", 2),
+                       setattr(c.attn_config, "rope_theta", 1e4),  # missing by default
+                       setattr(c.attn_config, "clip_qkv", 8.0),  # None fails its clamp
+                       setattr(c.ffn_config, "hidden_size", 64),
+                       setattr(c.ffn_config, "ffn_hidden_size", 128),
+                       setattr(c.ffn_config, "moe_num_experts", 4),
+                       setattr(c.ffn_config, "moe_top_k", 2)),
+    "cohere_compass_text": {"rope_parameters": {  # empty by default: no per-layer entries
+        kind: {"rope_type": "default", "rope_theta": 1e4}
+        for kind in ("full_attention", "sliding_attention")}},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "lfm2_moe": {"layer_types": ["full_attention", "conv"], "num_dense_layers": 1},
+    "esm": {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32,
+            "position_embedding_type": "rotary"},
+    "hrm_text": {"num_layers_per_stack": 1, "H_cycles": 1, "L_cycles": 1, "L_bp_cycles": [1]},
+    "mistral4": {"head_dim": 16},  # (nope + rope: its rotary width is a partial factor)
+    "zamba2": {"use_mem_rope": True},
+    "granitemoehybrid": {"layer_types": ["full_attention", "linear_attention"],
+                         "position_embedding_type": "rope",
+                         "mamba_n_heads": 8, "mamba_d_head": 16},
+    "zamba": {"layers_block_type": ["hybrid", "hybrid"]},  # (its weight tying needs two)
+    "esmc": {"num_key_value_heads": 4},  # (its q/k layer norms span all heads)
+    "dory": {"n_input_layers": 1, "n_recurrent_layers": 0, "n_output_layers": 1},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+              "expert_layer_offset": 1},
+    **{key: {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,  # M-RoPE: D/2
+                                 "mrope_section": [2, 3, 3]}}
+       for key in ("qwen2_vl_text", "qwen2_5_vl_text")},
+}
+
+
+def _attention_first(kind: str) -> bool:
+    """Sort key: the layer kinds that attend (and so may rotate) before the others."""
+    attends = kind == "hybrid" or ("attention" in kind and "linear" not in kind)
+    return not attends
+
+
+def _shrink(config, model_type=None):
+    """A tiny copy of ``config``: rebuilt from its class with small sizes (so that what its
+    constructor derives from them follows), then the type's own ``OVERRIDES``."""
+    fields = vars(config)  # (a heterogeneous config's per-layer attributes raise on getattr)
+    kwargs = {k: v for k, v in SHRINK.items()
+              if k in fields and not isinstance(fields[k], (bool, float, list))}
+    if fields.get("qk_rope_head_dim") is not None:  # multi-head latent attention
+        kwargs.update({k: v for k, v in MLA.items() if fields.get(k) is not None},
+                      head_dim=MLA["qk_rope_head_dim"],
+                      num_key_value_heads=SHRINK["num_attention_heads"])
+    types_ = fields.get("layer_types") or fields.get("layers_block_type")
+    if isinstance(types_, list) and types_:
+        # one layer of each kind, attention first (some rotate in only one kind)
+        kinds = sorted(dict.fromkeys(types_), key=_attention_first)
+        key = "layer_types" if fields.get("layer_types") else "layers_block_type"
+        kwargs[key] = (kinds * 2)[:SHRINK["num_hidden_layers"]]
+    override = OVERRIDES.get(model_type, {})
+    if not callable(override):
+        kwargs.update(override)
+    for sub, value in fields.items():  # text, vision, audio, ... configs: all of them
+        if isinstance(value, transformers.PreTrainedConfig):
+            kwargs[sub] = _shrink(value, getattr(value, "model_type", None))
+    try:
+        config = type(config)(**kwargs)
+    except Exception:  # a constructor that takes no full dict back: set the fields instead
+        for key, value in kwargs.items():
             setattr(config, key, value)
-    if isinstance(getattr(config, "layer_types", None), list) and config.layer_types:
-        # one layer of each kind (sliding and full attention: some rotate only in one)
-        kinds = list(dict.fromkeys(config.layer_types))[:SHRINK["num_hidden_layers"]]
-        config.layer_types = (kinds * SHRINK["num_hidden_layers"])[:SHRINK["num_hidden_layers"]]
-    for sub in ("text_config", "decoder_config"):
-        if getattr(config, sub, None) is not None:
-            _shrink(getattr(config, sub))
+    if callable(override):
+        override(config)
     return config
 
 
@@ -79,7 +143,7 @@ def build(model_type):
     if auto is None:
         return None, "a sub-configuration: no model class of its own"
     try:
-        config = _shrink(CONFIG_MAPPING[model_type]())
+        config = _shrink(CONFIG_MAPPING[model_type](), model_type)
         with torch.device("meta"):
             meta = auto.from_config(config)
         size = sum(p.numel() for p in meta.parameters())
@@ -132,6 +196,8 @@ def check(model_type, calls) -> str:
     except ValueError as e:
         if "calls no apply_rotary_pos_emb" in str(e) or "no layer calls" in str(e):
             return "its token model's attention calls another RoPE function"
+        if "cannot patch" in str(e) and not _rope_patch.rope_sites(model, _rope_patch.HUB_KINDS):
+            return "its attention never rotates (NoPE: the decorated function is not called)"
         raise
     layers = hf.patched_layers(model)
     assert layers, model_type
@@ -179,18 +245,25 @@ def test_decorated_type(model_type, monkeypatch):
         RESULTS[model_type] = check(model_type, calls)
 
 
+def family(model_type: str) -> str:
+    """The modeling module (``models/<family>/``) that defines ``model_type``."""
+    return CONFIG_MAPPING[model_type].__module__.split(".")[-2]
+
+
 def test_readme_states_the_count():
     """The README's coverage line is this run's count, for the transformers it names."""
     if len(RESULTS) < len(TYPES):
         pytest.skip("run with the whole module to count")
     verified = sorted(t for t, r in RESULTS.items() if r == "verified")
-    line = re.search(r"(\d+) of the (\d+) model types .*?transformers ([0-9.]+)",
+    families = {family(t) for t in TYPES}
+    measured = (len({family(t) for t in verified}), len(families), len(verified), len(TYPES))
+    line = re.search(r"(\d+) of the (\d+) model families \((\d+) of the (\d+) model\s+types\)"
+                     r"\s+verified on transformers ([0-9]+(?:\.[0-9]+)*)",
                      Path(__file__).resolve().parents[1].joinpath("README.md").read_text())
     listing = "\n".join(f"{t}: {r}" for t, r in sorted(RESULTS.items()) if r != "verified")
-    assert line, (f"README.md states no hub-hook coverage line; measured {len(verified)} of "
-                  f"{len(TYPES)}; not verified:\n{listing}")
-    if line.group(3) != transformers.__version__:
-        pytest.skip(f"the README counts transformers {line.group(3)}")
-    assert (int(line.group(1)), int(line.group(2))) == (len(verified), len(TYPES)), (
-        f"README: {line.group(0)}; measured {len(verified)} of {len(TYPES)}; not verified:\n"
-        f"{listing}")
+    said = f"measured {measured[0]} of {measured[1]} families, {measured[2]} of {measured[3]} types"
+    assert line, f"README.md states no hub-hook coverage line; {said}; not verified:\n{listing}"
+    if line.group(5) != transformers.__version__:
+        pytest.skip(f"the README counts transformers {line.group(5)}")
+    assert tuple(int(g) for g in line.groups()[:4]) == measured, (
+        f"README: {line.group(0)}; {said}; not verified:\n{listing}")

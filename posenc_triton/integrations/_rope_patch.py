@@ -187,15 +187,15 @@ def rope_sites(model: torch.nn.Module, kinds, rotates: Optional[Callable] = None
     sites = []
     for path, sub in model.named_modules():
         fwd = _forward_of(sub)
-        if (fwd is None or fwd is torch.nn.Module.forward or not getattr(sub, "use_rope", True)
-                or (rotates is not None and not rotates(sub))):
+        if fwd is None or fwd is torch.nn.Module.forward or not getattr(sub, "use_rope", True):
             continue
         mod = sys.modules.get(fwd.__module__)
         if mod is None or mod.__dict__ is not fwd.__globals__:
             continue
-        for kind in kinds:
-            if kind.function in fwd.__code__.co_names and hasattr(mod, kind.function):
-                sites.append((path, mod, kind))
+        found = [kind for kind in kinds
+                 if kind.function in fwd.__code__.co_names and hasattr(mod, kind.function)]
+        if found and (rotates is None or rotates(sub)):  # (asked of calling layers only)
+            sites.extend((path, mod, kind) for kind in found)
     return sites
 
 

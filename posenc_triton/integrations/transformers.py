@@ -84,14 +84,20 @@ ARCHITECTURES: dict[str, Union[tuple[str, ...], Callable]] = {
 #: ``model_type`` -> which of its layers rotate, where the attention calls the RoPE function
 #: under a condition of its own (Cohere-2: only its sliding-window layers use RoPE).
 ROPE_LAYERS: dict[str, Callable] = {
-    **dict.fromkeys(("cohere2", "flint"),
+    **dict.fromkeys(("cohere2", "flint", "lara_mini"),
                     lambda layer: getattr(layer, "sliding_window", None) is not None),
-    **dict.fromkeys(("exaone4", "exaone_moe", "kolibri1"),
+    **dict.fromkeys(("exaone4", "exaone4_5", "exaone_moe", "kolibri1"),
                     lambda layer: getattr(layer, "sliding_window", None) is None
                     or getattr(layer, "is_sliding", False)),
     "kolibri1_1": lambda layer: (getattr(layer, "is_sliding", False)
                                  and not getattr(layer, "is_kv_shared_layer", False)),
     "afmoe": lambda layer: getattr(layer, "is_local_attention", False),
+    # the model passes no position embeddings to a layer whose RoPE theta is 0 / unset
+    **dict.fromkeys(("muse_glimmer", "muse_glimmer_text", "muse_spark", "muse_spark_text"),
+                    lambda layer: bool(
+        layer.config.layer_rope_theta[layer.layer_idx])),
+    "zamba2": lambda layer: layer.config.use_mem_rope,
+    "granitemoehybrid": lambda layer: layer.config.position_embedding_type == "rope",
 }
 
 
@@ -111,14 +117,20 @@ def _kinds(model) -> tuple[str, tuple[str, ...]]:
     model_type = getattr(config, "model_type", None)
     entry = ARCHITECTURES.get(model_type)
     if entry is None:
-        # Any other model whose attention calls transformers' hub function rotary_pos_emb.
-        if not _rope_patch.rope_sites(model, HUB_KINDS[:1], ROPE_LAYERS.get(model_type)):
+        # Any other model whose attention calls transformers' hub function rotary_pos_emb,
+        # and (MLA, as DeepSeek-V3) the de-interleaving one where its config asks for it.
+        rotates = ROPE_LAYERS.get(model_type)
+        kinds = tuple(f"rope/{kind.name}" for kind, wanted in (
+            (HUB_KINDS[0], True),
+            (KINDS["deinterleave"], getattr(config, "rope_interleave", True)))
+            if wanted and _rope_patch.rope_sites(model, [kind], rotates))
+        if not kinds or kinds[0] != "rope/rotary_pos_emb":
             raise ValueError(
                 f"posenc_triton cannot patch {type(model).__name__} (model_type={model_type!r}); "
                 f"supported model types: {', '.join(supported_model_types())}, and any whose "
                 f"attention calls transformers' hub function rotary_pos_emb (a decorated "
                 f"apply_rotary_pos_emb)")
-        return model_type, ("rope/rotary_pos_emb",)
+        return model_type, kinds
     return model_type, (entry(config) if callable(entry) else entry)
 
 
