@@ -165,9 +165,9 @@ def test_use_hub_kernels_0_takes_the_patch_table(monkeypatch, launches):
     assert hf.patched_layers(model) == {} and not _rope_patch._ORIGINALS
 
 
-def test_a_users_kernel_config_is_respected():
+def test_a_users_kernel_config_is_respected(tmp_path):
     model = make()
-    mine = kernels.LocalLayerRepository(repo_path=_hub.REPOSITORY, layer_name="RotaryPosEmbFP32")
+    mine = kernels.LocalLayerRepository(repo_path=tmp_path, layer_name="MyRotary")
     model.kernel_config = transformers.KernelConfig(
         kernel_mapping={"rotary_pos_emb": {"cpu": {kernels.Mode.INFERENCE: mine}}})
     with pytest.raises(ValueError, match=r"maps rotary_pos_emb to the user's own kernel"):
@@ -176,6 +176,18 @@ def test_a_users_kernel_config_is_respected():
     with pytest.warns(UserWarning, match=r"left unpatched"):
         hf.apply(model, strict=False)
     assert hf.patched_layers(model) == {}
+
+
+@pytest.mark.parametrize("layer", ["RotaryPosEmb", "RotaryPosEmbFP32"])
+def test_our_own_kernel_config_is_not_the_users(layer, launches):
+    """A model already mapped to one of our layers (as kernel_config() maps the layer its probe
+    chose) takes the hub route again: ours, not the user's."""
+    model = make()
+    model.kernel_config = transformers.KernelConfig(kernel_mapping=hf.kernel_mapping(layer))
+    hf.apply(model)
+    routes = hf.patched_layers(model)
+    assert routes and all(v == ["hub/rotary_pos_emb"] for v in routes.values()), routes
+    hf.unpatch(model)
 
 
 @pytest.mark.parametrize("model_type,overrides,layer", [

@@ -197,4 +197,17 @@ def user_mapping(model: torch.nn.Module) -> bool:
     if config is None or "_posenc_kernel_config" in model.__dict__:
         return False
     mapping = getattr(config, "kernel_mapping", None) or {}
-    return LAYER_NAME in mapping and mapping[LAYER_NAME] != kernel_mapping()[LAYER_NAME]
+    if LAYER_NAME not in mapping:
+        return False
+    # Ours, whichever of our layers it names (kernel_config() maps the one its probe chose).
+    ours = [repo for name in LAYERS.values()
+            for repo in _leaves(kernel_mapping(name.__name__)[LAYER_NAME])]
+    return not all(repo in ours for repo in _leaves(mapping[LAYER_NAME]))
+
+
+def _leaves(entry) -> list:
+    """The repositories of a mapping entry: ``{device: repo}`` or ``{device: {mode: repo}}``
+    (or, before transformers converts it, a repository id string)."""
+    if isinstance(entry, dict):
+        return [leaf for value in entry.values() for leaf in _leaves(value)]
+    return [entry]

@@ -217,11 +217,16 @@ def _prepare_hub(model, sites, rope) -> Optional[Callable]:
         return None
     if _hub.user_mapping(model):
         raise ValueError("its kernel_config maps rotary_pos_emb to the user's own kernel (kept)")
-    device = next((p.device.type for p in model.parameters()), "cpu")
+    device = _device_type(model)
     if device not in ("cuda", "cpu"):
         return None
     kind = _hub.choose_kind(sites)
     return lambda: _hub.install(model, funcs, kind.name, device)
+
+
+def _device_type(model) -> str:
+    """Where ``model``'s weights live (``"cpu"`` for a model without any)."""
+    return next((p.device.type for p in model.parameters()), "cpu")
 
 
 def _hub_funcs_of(model) -> list:
@@ -250,7 +255,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     _rope_patch.restore({mod.__name__ for _, mod, _ in sites})
     funcs = _hub_funcs_of(model)
     if funcs or "_posenc_kernel_config" in model.__dict__:
-        device = next((p.device.type for p in model.parameters()), "cpu")
+        device = _device_type(model)
         _hub.restore(model, funcs, device)
     _alibi_patch.unpatch_alibi(model)
     return model
