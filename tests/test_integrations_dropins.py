@@ -24,10 +24,12 @@ CASES = {
     "interleaved": ("glm4", True),
     "interleaved_fp32": ("ernie4_5", False),
     "cohere": ("cohere", False),
+    "pairs": ("glm4v", True),
     "single": ("gemma3n", False),
     "gptj": ("gptj", False),
     "deinterleave": ("deepseek_v3", False),
     "complex": ("llama4", False),
+    "complex_bhsd": ("deepseek_v2", False),
 }
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -41,7 +43,7 @@ def original(kind):
 def tables(kind, batch, seqlen, rot, dtype):
     """cos/sin (or freqs_cis) laid out as the model's rotary embedding returns them."""
     freqs = torch.rand(batch, seqlen, rot // 2, device=DEVICE, dtype=torch.float64) * 20
-    if kind.call == "complex":
+    if kind.call in ("complex", "complex_bhsd"):
         return (torch.polar(torch.ones_like(freqs), freqs).to(torch.complex64),)
     if kind.call == "gptj":
         return freqs.sin().to(dtype), freqs.cos().to(dtype)
@@ -56,7 +58,7 @@ def call_args(kind, b, s, hq, hk, d, rot, dtype, cos_batch, ud):
         t = torch.randn(b, s, h, width, device=DEVICE, dtype=dtype)
         return (t.transpose(1, 2) if ud == 1 else t).requires_grad_()
     tab = tables(kind, cos_batch, s, rot, torch.float32 if dtype == torch.float32 else dtype)
-    if kind.call == "complex":
+    if kind.call in ("complex", "complex_bhsd"):
         q, k = x(hq), x(hk)
         return (q, k, *tab), {}, (q, k)
     if kind.call == "gptj":

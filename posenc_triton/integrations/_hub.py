@@ -126,24 +126,17 @@ def kernel_config():
 def choose_kind(sites) -> _rope_patch.RopeKind:
     """The first of :data:`._rope_patch.HUB_KINDS` whose drop-in computes what the function of
     every site (``rope_sites`` triples) computes; a ValueError says why none does."""
-    reasons = []
-    for rope in _rope_patch.HUB_KINDS:
-        why = [f"{mod.__name__}.{rope.function}: {reason}" for mod in {m for _, m, _ in sites}
-               if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
-        if not why:
-            return rope
-        reasons += why
-    raise ValueError("; ".join(reasons) or "no layer calls apply_rotary_pos_emb")
+    return _rope_patch.choose(sites, _rope_patch.HUB_KINDS)
 
 
-def _is_hub_func(fn) -> bool:
+def is_hub_func(fn) -> bool:
     return getattr(type(fn), "kernel_layer_name", None) == LAYER_NAME
 
 
 def hub_func(layer: torch.nn.Module, function) -> Optional[torch.nn.Module]:
     """The private ``Func`` module through which ``layer`` calls ``function`` (the decorated
     module global, itself a ``Func`` instance), or None."""
-    if not _is_hub_func(function):
+    if not is_hub_func(function):
         return None
     for fn in (layer.__dict__.get("_kernel_funcs") or {}).values():
         if type(fn) is type(function):

@@ -14,10 +14,14 @@ drop-in (replaces)                            models (cos/sin layout)           
 ``fused_apply_rotary_pos_emb_glm``            GLM, GLM-4, Helium (``cat(f, f)``)     interleaved
 ``fused_apply_rotary_pos_emb_glm_fp32``       ERNIE-4.5 (fp32, cast back)            interleaved
 ``fused_apply_rotary_pos_emb_cohere``         Cohere (``repeat_interleave(f)``)      interleaved
+``fused_apply_rotary_pos_emb_pairs``          GLM-4V text (``repeat_interleave(f)``) interleaved
 ``fused_apply_rotary_pos_emb_single``         Gemma-3n, Gemma-4: one tensor a call   rotate-half
 ``fused_apply_rotary_pos_emb_gptj``           GPT-J, CodeGen: ``(x, sin, cos)``      interleaved
 ``fused_apply_rotary_pos_emb_interleave``     DeepSeek-V3 (de-interleave, rotate)    interleaved
 ``fused_apply_rotary_emb_complex``            Llama-4 (complex ``freqs_cis``)        interleaved
+``fused_apply_rotary_emb_complex_bhsd``       DeepSeek-V2 (complex, ``[B, H, S, D]``)  interleaved
+``fused_rotary_pos_emb`` (``_fp32``,          the hub function ``rotary_pos_emb``    rotate-half
+``_interleaved``)                             (``cat(f, f)``, or GPT-OSS's ``f``)    (or pairs)
 ============================================  =====================================  ==========
 
 The cos/sin layout is the model's rotary embedding's: the drop-ins read one value per pair
@@ -289,6 +293,13 @@ def fused_apply_rotary_pos_emb_cohere(q, k, cos, sin, unsqueeze_dim=1):
                keep_dtype=True)
 
 
+def fused_apply_rotary_pos_emb_pairs(q, k, cos, sin, unsqueeze_dim=1):
+    """Interleaved pairs, cos/sin ``repeat_interleave(f, 2)``, partial width ``R =
+    cos.shape[-1]``, the dtype their promotion (GLM-4V's and GLM-OCR's text attention)."""
+    return _rotate_q_k(q, k, cos, sin, unsqueeze_dim, table="pairs", interleaved=True,
+                       keep_dtype=False)
+
+
 def fused_apply_rotary_pos_emb_single(x, cos, sin, unsqueeze_dim=1):
     """Gemma-3n / Gemma-4: one tensor per call, rotate-half with ``cat(f, f)`` cos/sin."""
     return _rotate_q_k(x, None, cos, sin, unsqueeze_dim, table="halves", interleaved=False,
@@ -333,3 +344,14 @@ def fused_apply_rotary_emb_complex(xq, xk, freqs_cis):
     parts = torch.view_as_real(freqs_cis)
     return _rotate_q_k(xq, xk, parts[..., 0], parts[..., 1], 2, table="direct", interleaved=True,
                keep_dtype=True)
+
+
+def fused_apply_rotary_emb_complex_bhsd(xq, xk, freqs_cis):
+    """DeepSeek-V2's ``apply_rotary_emb``: :func:`fused_apply_rotary_emb_complex` with
+    ``xq/xk [B, H, S, D]`` (``freqs_cis [B or 1, S, D/2]`` broadcast over the heads)."""
+    if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex()):
+        raise TypeError(f"freqs_cis must be a complex tensor, got "
+                        f"{getattr(freqs_cis, 'dtype', type(freqs_cis).__name__)}")
+    parts = torch.view_as_real(freqs_cis)
+    return _rotate_q_k(xq, xk, parts[..., 0], parts[..., 1], 1, table="direct",
+                       interleaved=True, keep_dtype=True)

@@ -34,7 +34,9 @@ class RopeKind:
     name: str
     function: str  # the module global the attention forward calls
     dropin: Callable
-    call: str  # the signature family: "qk", "single", "gptj", "deinterleave", "complex"
+    # the signature family: "qk", "single", "gptj", "deinterleave", "complex" ([B, S, H, D]),
+    # "complex_bhsd" ([B, H, S, D])
+    call: str
     # cos/sin layout: "halves" cat(f, f), "pairs" repeat_interleave(f), "either" (the hub
     # function ``rotary_pos_emb``): cat(f, f), or else f, R/2 wide (GPT-OSS)
     table: str = "halves"
@@ -47,11 +49,14 @@ KINDS: dict[str, RopeKind] = {k.name: k for k in (
     RopeKind("interleaved", _APPLY, dropins.fused_apply_rotary_pos_emb_glm, "qk"),
     RopeKind("interleaved_fp32", _APPLY, dropins.fused_apply_rotary_pos_emb_glm_fp32, "qk"),
     RopeKind("cohere", _APPLY, dropins.fused_apply_rotary_pos_emb_cohere, "qk", "pairs"),
+    RopeKind("pairs", _APPLY, dropins.fused_apply_rotary_pos_emb_pairs, "qk", "pairs"),
     RopeKind("single", _APPLY, dropins.fused_apply_rotary_pos_emb_single, "single"),
     RopeKind("gptj", _APPLY, dropins.fused_apply_rotary_pos_emb_gptj, "gptj"),
     RopeKind("deinterleave", "apply_rotary_pos_emb_interleave",
              dropins.fused_apply_rotary_pos_emb_interleave, "deinterleave"),
     RopeKind("complex", "apply_rotary_emb", dropins.fused_apply_rotary_emb_complex, "complex"),
+    RopeKind("complex_bhsd", "apply_rotary_emb", dropins.fused_apply_rotary_emb_complex_bhsd,
+             "complex_bhsd"),
     RopeKind("rotary_pos_emb", _APPLY, dropins.fused_rotary_pos_emb, "qk", "either"),
     RopeKind("rotary_pos_emb_fp32", _APPLY, dropins.fused_rotary_pos_emb_fp32, "qk", "either"),
     RopeKind("rotary_pos_emb_interleaved", _APPLY, dropins.fused_rotary_pos_emb_interleaved,
@@ -61,6 +66,13 @@ KINDS: dict[str, RopeKind] = {k.name: k for k in (
 #: ``apply_rotary_pos_emb``), in the order a probe tries them.
 HUB_KINDS = (KINDS["rotary_pos_emb"], KINDS["rotary_pos_emb_fp32"],
              KINDS["rotary_pos_emb_interleaved"])
+#: For a model outside the table: the kinds its probe tries, in order, per module global.
+PROBED = {
+    _APPLY: tuple(KINDS[k] for k in ("rotate_half", "rotate_half_fp32", "interleaved",
+                                     "interleaved_fp32", "pairs", "cohere", "single", "gptj")),
+    "apply_rotary_pos_emb_interleave": (KINDS["deinterleave"],),
+    "apply_rotary_emb": (KINDS["complex"], KINDS["complex_bhsd"]),
+}
 _DROPINS = {k.dropin: k for k in KINDS.values()}
 
 # (module name, function name) -> the function it had before a drop-in replaced it.
@@ -86,15 +98,18 @@ def _probe_cases(kind: RopeKind, x_dtype: torch.dtype, table: str):
     f64 = torch.float64
     for rot in (d, d // 2):
         partial = rot < d
-        if partial and (kind.call in ("gptj", "deinterleave", "complex") or table == "direct"):
+        if partial and (kind.call in ("gptj", "deinterleave", "complex", "complex_bhsd")
+                        or table == "direct"):
             continue  # their originals require the full width
         freqs = randn(b, s, rot // 2, dtype=f64) * 3
         if kind.call == "gptj":
             yield (randn(b, s, hq, rot), freqs.sin(), freqs.cos()), {}, partial
             continue
-        if kind.call == "complex":
+        if kind.call in ("complex", "complex_bhsd"):
             cis = torch.polar(torch.ones_like(freqs), freqs)
-            yield (randn(b, s, hq, d), randn(b, s, hk, d), cis), {}, partial
+            q, k = ((randn(b, s, hq, d), randn(b, s, hk, d)) if kind.call == "complex"
+                    else (randn(b, hq, s, d), randn(b, hk, s, d)))
+            yield (q, k, cis), {}, partial
             continue
         emb = {"halves": torch.cat((freqs, freqs), -1), "direct": freqs,
                "pairs": freqs.repeat_interleave(2, -1)}[table]
@@ -132,6 +147,19 @@ def probe(kind: RopeKind, fn) -> Optional[str]:
     except TypeError:  # unhashable callable
         pass
     return reason
+
+
+def choose(sites, candidates) -> RopeKind:
+    """The first of ``candidates`` whose drop-in computes what the function of every site
+    (:func:`rope_sites` triples) computes; a ValueError says why none does."""
+    reasons = []
+    for rope in candidates:
+        why = [f"{mod.__name__}.{rope.function}: {reason}" for mod in {m for _, m, _ in sites}
+               if (reason := probe(rope, original(mod, rope.function)))]
+        if not why:
+            return rope
+        reasons += why
+    raise ValueError("; ".join(reasons) or f"no layer calls {candidates[0].function}")
 
 
 def _probe(kind: RopeKind, fn) -> Optional[str]:

@@ -117,21 +117,36 @@ def _kinds(model) -> tuple[str, tuple[str, ...]]:
     model_type = getattr(config, "model_type", None)
     entry = ARCHITECTURES.get(model_type)
     if entry is None:
-        # Any other model whose attention calls transformers' hub function rotary_pos_emb,
-        # and (MLA, as DeepSeek-V3) the de-interleaving one where its config asks for it.
-        rotates = ROPE_LAYERS.get(model_type)
-        kinds = tuple(f"rope/{kind.name}" for kind, wanted in (
-            (HUB_KINDS[0], True),
-            (KINDS["deinterleave"], getattr(config, "rope_interleave", True)))
-            if wanted and _rope_patch.rope_sites(model, [kind], rotates))
-        if not kinds or kinds[0] != "rope/rotary_pos_emb":
-            raise ValueError(
-                f"posenc_triton cannot patch {type(model).__name__} (model_type={model_type!r}); "
-                f"supported model types: {', '.join(supported_model_types())}, and any whose "
-                f"attention calls transformers' hub function rotary_pos_emb (a decorated "
-                f"apply_rotary_pos_emb)")
-        return model_type, kinds
+        return model_type, _probed_kinds(model, model_type, config)
     return model_type, (entry(config) if callable(entry) else entry)
+
+
+def _probed_kinds(model, model_type, config) -> tuple[str, ...]:
+    """A model outside the table: for each RoPE global its layers call, the kind whose probe
+    matches (transformers' hub function ``rotary_pos_emb`` where it is decorated: ``_prepare``
+    picks its route and layer); MLA's de-interleaving function only where the config asks."""
+    rotates = ROPE_LAYERS.get(model_type)
+    kinds, reasons = [], []
+    for function, candidates in _rope_patch.PROBED.items():
+        sites = _rope_patch.rope_sites(model, candidates[:1], rotates)
+        if not sites or (function == "apply_rotary_pos_emb_interleave"
+                         and not getattr(config, "rope_interleave", True)):
+            continue
+        if any(_hub.is_hub_func(_rope_patch.original(mod, function)) for _, mod, _ in sites):
+            kinds.append(f"rope/{HUB_KINDS[0].name}")
+            continue
+        try:
+            kinds.append(f"rope/{_rope_patch.choose(sites, candidates).name}")
+        except ValueError as e:
+            reasons.append(str(e))
+    if not kinds or reasons:
+        why = (f": its RoPE function computes none of the probed kinds ({'; '.join(reasons)})"
+               if reasons else f"; supported model types: {', '.join(supported_model_types())}, "
+               f"and any whose attention calls a RoPE function that a probe matches with one "
+               f"of ours")
+        raise ValueError(f"posenc_triton cannot patch {type(model).__name__} "
+                         f"(model_type={model_type!r}){why}")
+    return tuple(kinds)
 
 
 def apply(model: torch.nn.Module, *, check_masks: bool = True,
@@ -143,7 +158,10 @@ def apply(model: torch.nn.Module, *, check_masks: bool = True,
     drop-in was written for and pass a probe on a tiny copy of the model.
 
     Args:
-        model: a transformers model whose ``config.model_type`` is in :data:`ARCHITECTURES`.
+        model: a transformers model whose ``config.model_type`` is in :data:`ARCHITECTURES`,
+            or any other whose layers call a RoPE function (``apply_rotary_pos_emb``,
+            ``apply_rotary_emb``, ``apply_rotary_pos_emb_interleave``) that transformers
+            decorates for its hub hook or that a probe matches with one of our kinds.
         check_masks: ALiBi models only: verify once per forward (one device-to-host read)
             that the mask and bias are what the kernel reproduces, else run transformers'
             forward; ``False`` trusts them (for ``torch.compile`` / CUDA graphs).
