@@ -93,6 +93,9 @@ OVERRIDES = {
     **{key: {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,  # M-RoPE: D/2
                                  "mrope_section": [2, 3, 3]}}
        for key in ("qwen2_vl_text", "qwen2_5_vl_text")},
+    **{key: {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,  # D/4, partial
+                                 "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}}
+       for key in ("glm4v_text", "glm4v_moe_text")},
 }
 
 

@@ -22,6 +22,8 @@ from posenc_triton.integrations import transformers as hf  # noqa: E402
 # model type -> the kinds its probe must choose
 PROBED = {
     "deepseek_v2": {"rope/complex_bhsd"},
+    "glm4v": {"rope/pairs"},  # (its text attention; M-RoPE sections, partial rotary)
+    "glm4v_moe": {"rope/rotate_half"},
     "olmo3": {"rope/rotate_half_fp32"},
     "qwen3_next": {"rope/rotate_half"},
     "ernie4_5_moe": {"rope/interleaved_fp32"},
