@@ -14,12 +14,12 @@ drop-in (replaces)                            models (cos/sin layout)           
 ``fused_apply_rotary_pos_emb_glm``            GLM, GLM-4, Helium (``cat(f, f)``)     interleaved
 ``fused_apply_rotary_pos_emb_glm_fp32``       ERNIE-4.5 (fp32, cast back)            interleaved
 ``fused_apply_rotary_pos_emb_cohere``         Cohere (``repeat_interleave(f)``)      interleaved
-``fused_apply_rotary_pos_emb_pairs``          GLM-4V text (``repeat_interleave(f)``) interleaved
+``fused_apply_rotary_pos_emb_pairs``          GLM-4V (``repeat_interleave(f)``)      interleaved
 ``fused_apply_rotary_pos_emb_single``         Gemma-3n, Gemma-4: one tensor a call   rotate-half
 ``fused_apply_rotary_pos_emb_gptj``           GPT-J, CodeGen: ``(x, sin, cos)``      interleaved
 ``fused_apply_rotary_pos_emb_interleave``     DeepSeek-V3 (de-interleave, rotate)    interleaved
 ``fused_apply_rotary_emb_complex``            Llama-4 (complex ``freqs_cis``)        interleaved
-``fused_apply_rotary_emb_complex_bhsd``       DeepSeek-V2 (complex, ``[B, H, S, D]``)  interleaved
+``fused_apply_rotary_emb_complex_bhsd``       DeepSeek-V2 (complex, bhsd q/k)        interleaved
 ``fused_rotary_pos_emb`` (``_fp32``,          the hub function ``rotary_pos_emb``    rotate-half
 ``_interleaved``)                             (``cat(f, f)``, or GPT-OSS's ``f``)    (or pairs)
 ============================================  =====================================  ==========
@@ -335,23 +335,24 @@ def fused_apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, uns
     return _deinterleave(q_out), (None if k_out is None else _deinterleave(k_out))
 
 
-def fused_apply_rotary_emb_complex(xq, xk, freqs_cis):
-    """Llama-4's ``apply_rotary_emb``: ``xq/xk [B, S, H, D]`` rotated in interleaved pairs by
-    the complex ``freqs_cis [B or 1, S, D/2]``, fp32 math, cast back to their dtypes."""
+def _rotate_complex(xq, xk, freqs_cis, unsqueeze_dim: int):
+    """``xq/xk`` rotated in interleaved pairs by the complex ``freqs_cis [B or 1, S, D/2]``
+    (broadcast over the heads at ``unsqueeze_dim``), fp32 math, cast back to their dtypes."""
     if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex()):
         raise TypeError(f"freqs_cis must be a complex tensor, got "
                         f"{getattr(freqs_cis, 'dtype', type(freqs_cis).__name__)}")
     parts = torch.view_as_real(freqs_cis)
-    return _rotate_q_k(xq, xk, parts[..., 0], parts[..., 1], 2, table="direct", interleaved=True,
-               keep_dtype=True)
+    return _rotate_q_k(xq, xk, parts[..., 0], parts[..., 1], unsqueeze_dim, table="direct",
+                       interleaved=True, keep_dtype=True)
+
+
+def fused_apply_rotary_emb_complex(xq, xk, freqs_cis):
+    """Llama-4's ``apply_rotary_emb``: ``xq/xk [B, S, H, D]`` rotated in interleaved pairs by
+    the complex ``freqs_cis [B or 1, S, D/2]``, fp32 math, cast back to their dtypes."""
+    return _rotate_complex(xq, xk, freqs_cis, 2)
 
 
 def fused_apply_rotary_emb_complex_bhsd(xq, xk, freqs_cis):
     """DeepSeek-V2's ``apply_rotary_emb``: :func:`fused_apply_rotary_emb_complex` with
-    ``xq/xk [B, H, S, D]`` (``freqs_cis [B or 1, S, D/2]`` broadcast over the heads)."""
-    if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex()):
-        raise TypeError(f"freqs_cis must be a complex tensor, got "
-                        f"{getattr(freqs_cis, 'dtype', type(freqs_cis).__name__)}")
-    parts = torch.view_as_real(freqs_cis)
-    return _rotate_q_k(xq, xk, parts[..., 0], parts[..., 1], 1, table="direct",
-                       interleaved=True, keep_dtype=True)
+    ``xq/xk [B, H, S, D]``."""
+    return _rotate_complex(xq, xk, freqs_cis, 1)

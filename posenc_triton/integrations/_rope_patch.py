@@ -154,7 +154,8 @@ def choose(sites, candidates) -> RopeKind:
     (:func:`rope_sites` triples) computes; a ValueError says why none does."""
     reasons = []
     for rope in candidates:
-        why = [f"{mod.__name__}.{rope.function}: {reason}" for mod in {m for _, m, _ in sites}
+        why = [f"{mod.__name__}.{rope.function}: {reason}"
+               for mod in dict.fromkeys(m for _, m, _ in sites)
                if (reason := probe(rope, original(mod, rope.function)))]
         if not why:
             return rope

@@ -212,13 +212,10 @@ def _prepare(model, model_type: str, kind: str, check_masks: bool) -> Callable:
     hub = _prepare_hub(model, sites, rope)
     if hub is not None:
         return hub
-    if rope in HUB_KINDS:  # a hub function, here through the patch table: the kind that fits
-        rope = _hub.choose_kind(sites)
+    # The kind probed against every site's function (a hub function, here through the patch
+    # table: the one of its kinds that fits); a ValueError names what computes otherwise.
+    rope = _rope_patch.choose(sites, HUB_KINDS if rope in HUB_KINDS else (rope,))
     targets = list({mod.__name__: (mod, rope) for _, mod, _ in sites}.values())
-    reasons = [f"{mod.__name__}.{rope.function}: {reason}" for mod, _ in targets
-               if (reason := _rope_patch.probe(rope, _rope_patch.original(mod, rope.function)))]
-    if reasons:
-        raise ValueError("; ".join(reasons))
     return lambda: _rope_patch.install(targets)
 
 
@@ -228,8 +225,7 @@ def _prepare_hub(model, sites, rope) -> Optional[Callable]:
     own ``KernelConfig`` mapping ``rotary_pos_emb`` is respected: a ValueError says so."""
     if rope.function != "apply_rotary_pos_emb":
         return None
-    modules = dict(model.named_modules())
-    funcs = [_hub.hub_func(modules[path], _rope_patch.original(mod, rope.function))
+    funcs = [_hub.hub_func(model.get_submodule(path), _rope_patch.original(mod, rope.function))
              for path, mod, _ in sites]
     if not funcs or any(fn is None for fn in funcs) or _hub.unavailable() is not None:
         return None
@@ -294,9 +290,8 @@ def patched_layers(model: torch.nn.Module) -> dict[str, list[str]]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     rotates = ROPE_LAYERS.get(model_type)
     layers = _rope_patch.patched_rope_layers(model, rotates)
-    modules = dict(model.named_modules())
     for path, mod, kind in _rope_patch.rope_sites(model, HUB_KINDS[:1], rotates):
-        fn = _hub.hub_func(modules[path], _rope_patch.original(mod, kind.function))
+        fn = _hub.hub_func(model.get_submodule(path), _rope_patch.original(mod, kind.function))
         name = None if fn is None else _hub.ours(fn)
         if name is not None and path not in layers:
             layers[path] = [f"hub/{name}"]
