@@ -83,6 +83,16 @@ def model_step(model, inputs):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def assert_grads_close(got, want, floor=1e-9, where=""):
+    """Two ``{name: grad}`` of the same parameters agree: rtol 1e-4, atol 1e-4 of each
+    gradient's largest entry (plus ``floor``)."""
+    assert got.keys() == want.keys(), (where, got.keys() ^ want.keys())
+    for n in want:
+        scale = want[n].abs().max().item()
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-4 * scale + floor,
+                                   msg=lambda m, n=n: f"{where} grad of {n}: {m}")
+
+
 def fwd_bwd(fn, inputs, grad_out=None):
     """``fn(*inputs)`` and the gradients of ``<out, grad_out>`` w.r.t. ``inputs``."""
     leaves = [t.detach().requires_grad_() for t in inputs]

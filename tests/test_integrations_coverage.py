@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, count_calls_of
+from conftest import DEVICE, assert_grads_close, count_calls_of
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("kernels")
@@ -220,11 +220,7 @@ def check(model_type, calls) -> str:
     keep = mask.bool()
     err = ((got[keep] - want[keep]).abs().max() / want[keep].abs().max().clamp_min(1e-30))
     assert err.item() <= 1e-5, (model_type, err.item())
-    assert p_grads.keys() == grads.keys()
-    for n in grads:
-        scale = grads[n].abs().max().item()
-        torch.testing.assert_close(p_grads[n], grads[n], rtol=1e-4, atol=1e-4 * scale + 1e-12,
-                                   msg=lambda m, n=n: f"{model_type} grad of {n}: {m}")
+    assert_grads_close(p_grads, grads, floor=1e-12, where=model_type)
     return "verified"
 
 
