@@ -164,6 +164,87 @@ def _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
     return q0, k0, seqlen_q, seqlen_k
 
 
+# Certified tile skipping (``SKIP``): every score of row ``i`` at distance ``d`` obeys
+# ``s <= A_i - m * d`` (log2 units) with ``A_i = scale * |q_i| * max_j |k_j|`` (Cauchy-Schwarz;
+# ``KMAX``, the key-norm maximum of the sequence's KV head). Against a lower bound ``M_i`` of
+# the row's largest term, the keys at distance ``>= R`` weigh at most
+# ``2^(A_i - M_i - m R) * min(n, 1 / (1 - 2^-m))`` (``n`` keys; the geometric tail) of it: at
+# most ``2^skip_log2`` from ``R = ceil((A_i - M_i + log2 tail - skip_log2) / m)`` on, for
+# ``m > 0`` (no key is negligible otherwise). Since the bound falls with the distance, one
+# reach per row, computed once, cuts a stage's loop bounds: the test costs per program, not
+# per tile or score, and the loops stay pipelined.
+SKIP_NONE = tl.constexpr(1073741824)  # 2^30: a reach no key is beyond
+
+
+@triton.jit
+def _reach(a_norm, m, slope, seqlen_k, skip_log2):
+    """int32 ``R`` per row (``[0, 2^30]``, see above): keys at distance ``>= R`` from the
+    row's position weigh at most ``2^skip_log2`` of its largest term, all together, if
+    ``m`` (log2 units) bounds that term from below; ``a_norm`` is ``A_i``. A row without a
+    bound (``m = -inf``), a slope that is not positive and non-finite inputs give ``2^30``."""
+    n = seqlen_k.to(tl.float32)
+    tail = tl.minimum(tl.log2(tl.maximum(n, 1.0)), -tl.log2(1.0 - tl.math.exp2(-slope)))
+    r = (a_norm - m + tail - skip_log2) / slope
+    r = tl.where(r < 1073741824.0, tl.ceil(r), 1073741824.0)  # NaN: 2^30
+    r = tl.where(slope > 0, r, 1073741824.0)
+    return tl.maximum(r, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _row_norms(x):
+    """``|x_i|`` in fp32 of the rows of a tile."""
+    xf = x.to(tl.float32)
+    return tl.sqrt(tl.sum(xf * xf, 1))
+
+
+@triton.jit
+def _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """``(lo, hi, top)``: of the stages :func:`_stages` gives, the key tiles ``[0, lo)`` and
+    ``[hi, c)`` are negligible for every row ``ok`` (keys ``<= pos_q - reach`` and ``>= pos_q +
+    reach``), and so are the ragged end's keys when ``top <= c``. ``lo`` and ``hi`` stay in
+    their stages (``lo <= a``, ``b <= hi <= c``)."""
+    low = tl.min(tl.where(ok, pos_q - reach, SKIP_NONE), 0) + 1
+    lo = tl.minimum(tl.maximum(low, 0) // BLOCK_N * BLOCK_N, a)
+    if IS_CAUSAL:
+        hi = c
+        top = c
+    else:
+        top = tl.max(tl.where(ok, pos_q + reach, -SKIP_NONE), 0)
+        hi = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(top, 0), BLOCK_N) * BLOCK_N, b), c)
+    return lo, hi, top
+
+
+@triton.jit
+def _at(P, row, stride):
+    """``P`` moved to ``row``, the offset in int64."""
+    return P + tl.cast(row, tl.int64) * stride
+
+
+@triton.jit
+def _store_counts(COUNTS, done, dense):
+    """``(done, dense)`` as int32 at ``COUNTS + 2 * (the program's linear index)``."""
+    pid = (tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) \
+        * tl.num_programs(0) + tl.program_id(0)
+    tl.store(COUNTS + 2 * pid, done.to(tl.int32))
+    tl.store(COUNTS + 2 * pid + 1, dense.to(tl.int32))
+
+
+@triton.jit
+def _count_stages(COUNTS, lo, a, b, c, hi, ragged, seqlen_k, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr):
+    """Store the key tiles a program of the forward or ``dq`` ran (``[lo, a)``, the band
+    ``[a, b)``, symmetric: ``[b, hi)`` and the ragged end if ``ragged``) and the dense
+    kernel's (:func:`_stages`' ``a, b, c`` with nothing skipped)."""
+    band = tl.cdiv(b - a, BLOCK_N)
+    end = tl.cdiv(seqlen_k - c, BLOCK_N)
+    done = (a - lo) // BLOCK_N + band
+    dense = a // BLOCK_N + band
+    if not IS_CAUSAL:
+        done += (hi - b) // BLOCK_N + ragged.to(tl.int32) * end
+        dense += (c - b) // BLOCK_N + end
+    _store_counts(COUNTS, done, dense)
+
+
 # ------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------
@@ -240,24 +321,30 @@ def _alibi_attn_fwd_inner(acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h
 
 
 @triton.jit
-def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_DESC,
-                    sm_scale, dropout_p,
+def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, KMAX, COUNTS,
+                    K_DESC, V_DESC, sm_scale, dropout_p, skip_log2,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
+                    stride_lb, stride_lh, stride_sb, stride_mb, stride_mn, stride_xb,
                     group, seqlen_q, seqlen_k, pos_offset,
                     SQ_BUCKET, SK_BUCKET,  # autotune key only
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr,
+                    COUNT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``. Writes ``O [B, Hq, Sq, D]`` and ``LSE [B, Hq, Sq]``.
 
     ``USE_TMA`` (dense, no key mask; 1 or 2, see :func:`_tma_rows`): ``K_DESC``/``V_DESC`` are
     tensor descriptors of K and V in memory order, blocks of ``BLOCK_N`` rows: TMA loads.
+    ``SKIP``: certified tile skipping (:func:`_reach`) against ``KMAX [B, Hk]`` (batch stride
+    ``stride_xb``), the skipped mass of a row at most ``2^skip_log2`` of its largest term per
+    side; the band and the tile before it run first, their running max the bound ``M_i``.
+    ``COUNT``: the program stores ``(tiles computed, tiles of the dense kernel)`` as int32 at
+    ``COUNTS + 2 * (program's linear index)``.
     """
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
@@ -290,7 +377,6 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_D
     l_i = tl.zeros([BLOCK_M, 4], tl.float32)  # the row sums, by lane (_quad_sums)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, shift, seqlen_k, BLOCK_N, IS_CAUSAL, False)
-    # the stages follow one another, each advancing the pointers past its tiles
     offs_n = tl.arange(0, BLOCK_N)
     offs_kT = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     offs_v = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -299,35 +385,53 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, K_DESC, V_D
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     tma_b, tma_h = tl.program_id(2), tl.program_id(1) // group  # TMA coordinates are int32
-    # keys before every row, the diagonal band (causal: and the end), then symmetric only:
-    # keys after every row and the ragged end. A stage runs under `if` only when it has a
-    # tile: a loop that may run zero times leaves ptxas a path where the accumulator is
-    # written by moves while a wgmma is in flight, and it serialises every wgmma (C7515).
-    if 0 < a:
-        acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-            acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
-            stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, 0, a, seed,
-            bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, 1,
-            HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+    # The diagonal band (causal: and the end) first, then keys before every row, then,
+    # symmetric only, keys after every row and the ragged end. A stage runs under `if` only
+    # when it has a tile: a loop that may run zero times leaves ptxas a path where the
+    # accumulator is written by moves while a wgmma is in flight, and it serialises every
+    # wgmma (C7515). Each stage's pointers are formed before its loop.
+    if SKIP:  # the tile before the band too: it holds the first row's own key when a > 0
+        a = tl.maximum(a - BLOCK_N, 0)
     if a < b:
-        acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-            acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
-            stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a, b, seed,
-            bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, 1,
-            HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+        acc, l_i, m_i, _, _, _ = _alibi_attn_fwd_inner(
+            acc, l_i, m_i, _at(K, a, stride_kn), _at(V, a, stride_vn),
+            _at(KPM, a, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+            stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, a,
+            b, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True,
+            1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+    lo, hi, top = 0, c, seqlen_k
+    if SKIP:  # the rows' running max bounds their largest term from below
+        ok = offs_m < seqlen_q
+        if IS_CAUSAL:
+            ok = ok & (pos_q >= 0)  # rows that see no key
+        a_norm = qk_scale * _row_norms(q) * tl.load(KMAX + off_b * stride_xb + off_kvh)
+        reach = _reach(a_norm, m_i, slope, seqlen_k, skip_log2 - (0.0 if IS_CAUSAL else 1.0))
+        lo, hi, top = _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N, IS_CAUSAL)
+    if lo < a:
+        acc, l_i, m_i, _, _, _ = _alibi_attn_fwd_inner(
+            acc, l_i, m_i, _at(K, lo, stride_kn), _at(V, lo, stride_vn),
+            _at(KPM, lo, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+            stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, lo,
+            a, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False,
+            1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+    ragged = (c < seqlen_k) & (hi == c) & (top > c)  # symmetric: the ragged end runs
     if not IS_CAUSAL:
-        if b < c:
-            acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-                acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
-                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b, c,
-                seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, -1,
-                HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
-        if c < seqlen_k:
-            acc, l_i, m_i, K, V, KPM = _alibi_attn_fwd_inner(
-                acc, l_i, m_i, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+        if b < hi:
+            acc, l_i, m_i, _, _, _ = _alibi_attn_fwd_inner(
+                acc, l_i, m_i, _at(K, b, stride_kn), _at(V, b, stride_vn),
+                _at(KPM, b, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
+                stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, b,
+                hi, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False,
+                -1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+        if ragged:
+            acc, l_i, m_i, _, _, _ = _alibi_attn_fwd_inner(
+                acc, l_i, m_i, _at(K, c, stride_kn), _at(V, c, stride_vn),
+                _at(KPM, c, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, offs_kT, offs_v,
                 stride_kn, stride_vn, stride_mn, pos_q, col, qk_scale, slope, seqlen_k, c,
-                seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL,
-                True, 1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+                seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True,
+                1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+    if COUNT:
+        _count_stages(COUNTS, lo, a, b, c, hi, ragged, seqlen_k, BLOCK_N, IS_CAUSAL)
     # a row with no visible key (causal, or all padded) has l = 0: output 0 and LSE +inf
     # (its gradients are then 0)
     l_i = tl.sum(l_i, 1)

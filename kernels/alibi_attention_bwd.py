@@ -13,29 +13,54 @@ launcher (deterministic: no atomics).
 import triton
 import triton.language as tl
 
-from .alibi_attention import LOG2E, _dot, _load_keep, _mma, _narrow, _sequence, _stages, _tma_rows
+from .alibi_attention import (
+    LOG2E,
+    _at,
+    _count_stages,
+    _dot,
+    _load_keep,
+    _mma,
+    _narrow,
+    _reach,
+    _row_norms,
+    _sequence,
+    _skip_bounds,
+    _stages,
+    _store_counts,
+    _tma_rows,
+)
 from .dropout import _dropout_keep
 
 
 @triton.jit
-def alibi_bwd_preprocess_kernel(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q,
+def alibi_bwd_preprocess_kernel(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q, CU_K, Q, KMAX, LIM,
+                               sm_scale, skip_log2,
                                stride_ob, stride_oh, stride_om, stride_od,
                                stride_dob, stride_doh, stride_dom, stride_dod,
-                               stride_lb, stride_lh, stride_sb, stride_cs, seqlen_q,
+                               stride_qb, stride_qh, stride_qm, stride_qd,
+                               stride_lb, stride_lh, stride_sb, stride_cs, stride_xb, group,
+                               seqlen_q, seqlen_k,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BIAS_PERIOD: tl.constexpr,
-                               IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+                               IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+                               SKIP: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DELTA [B, Hq, Sq] = rowsum(O * DO)`` in fp32, and
     the query terms of the ``dkdv`` kernel's scores, ready to subtract (log2 units, ``i`` the
     query's position in its sequence): ``LSE_BIAS[0] = lse * log2(e) + slope * (i mod
     BIAS_PERIOD)`` and, symmetric only, ``LSE_BIAS[1] = lse * log2(e) - slope * (i mod
     BIAS_PERIOD)``, ``stride_cs`` apart (``+inf`` where ``lse`` is). The period keeps them small
     (``slope * BIAS_PERIOD`` at most) and exact where the weights matter: the ``dkdv`` kernel
-    puts the rest of the distance, ``i - i mod BIAS_PERIOD``, in its per-key row term."""
+    puts the rest of the distance, ``i - i mod BIAS_PERIOD``, in its per-key row term.
+
+    ``SKIP``: ``LIM`` (int32, laid out as ``LSE_BIAS``) receives each row's negligible keys for
+    the ``dkdv`` kernel, in packed key coordinates (``k0 +``): ``LIM[0]``, keys ``<=`` it
+    (``pos - reach``, at least ``-1``), and symmetric ``LIM[1]``, keys ``>=`` it (``pos +
+    reach``, at most ``Sk``); a row that sees no key finds every key negligible
+    (:func:`posenc_triton.alibi_skip.dkdv_query_bounds` then scans them)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    q0, _, seqlen_q, _ = _sequence(CU_Q, CU_Q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
+    q0, k0, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     if IS_VARLEN:
         if start_m >= seqlen_q:
             return
@@ -59,6 +84,20 @@ def alibi_bwd_preprocess_kernel(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q,
     tl.store(LSE_BIAS + offs_l, lse2 + term, mask=m_mask)
     if not IS_CAUSAL:
         tl.store(LSE_BIAS + stride_cs + offs_l, lse2 - term, mask=m_mask)
+    if SKIP:
+        Q += off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
+        q = tl.load(Q + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask,
+                    other=0.0)
+        kmax = tl.load(KMAX + off_b * stride_xb + off_h // group)
+        a_norm = (sm_scale * LOG2E) * _row_norms(q) * kmax
+        reach = _reach(a_norm, lse2, slope, seqlen_k, skip_log2 - (0.0 if IS_CAUSAL else 1.0))
+        pos = start_m + offs_r + (seqlen_k - seqlen_q)
+        none = lse2 == float("inf")
+        after = tl.where(none, seqlen_k - 1, tl.minimum(tl.maximum(pos - reach, -1), seqlen_k - 1))
+        tl.store(LIM + offs_l, (k0 + after).to(tl.int32), mask=m_mask)
+        if not IS_CAUSAL:
+            before = tl.where(none, 0, tl.minimum(tl.maximum(pos + reach, 0), seqlen_k))
+            tl.store(LIM + stride_cs + offs_l, (k0 + before).to(tl.int32), mask=m_mask)
 
 
 @triton.jit
@@ -147,7 +186,7 @@ def _alibi_attn_bwd_dkdv_inner(dk, dv, Q, DO, LSEB, DELTA, Q_DESC, DO_DESC, tma_
 
 @triton.jit
 def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED,
-                         Q_DESC, DO_DESC, sm_scale, dropout_p,
+                         BOUNDS, COUNTS, Q_DESC, DO_DESC, sm_scale, dropout_p,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
@@ -155,21 +194,26 @@ def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                          stride_lb, stride_lh, stride_sb, stride_mb, stride_mn, stride_cs,
+                         stride_bs, stride_bb, stride_bh,
                          group, seqlen_q, seqlen_k, pos_offset,
                          SQ_BUCKET, SK_BUCKET,  # autotune key only
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_PERIOD: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                          IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                         USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                         INTERPRETER: tl.constexpr):
+                         USE_TMA: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N), Hk, B)``: ``DK``, ``DV [B, Hk, Sk, D]``; ``LSE_BIAS`` and
     ``stride_cs`` as the preprocess wrote them, with the same ``BIAS_PERIOD``.
 
     Each program sums over the ``group`` query heads that share its KV head in registers and
     stores once: GQA gradients without atomics, deterministic. ``USE_TMA`` (dense, no key
     mask): ``Q_DESC``/``DO_DESC`` describe Q and dO in memory order, blocks of ``BLOCK_M``
-    rows.
+    rows. ``SKIP``: ``BOUNDS [1 or 2, B, Hq, keys]`` (strides ``stride_bs, stride_bb,
+    stride_bh``; keys and rows in packed coordinates) give, per key, the query rows that
+    find it negligible (:func:`posenc_triton.alibi_skip.dkdv_query_bounds`): rows from
+    ``[0][last key]`` on and, symmetric, before ``[1][first key]`` are skipped. ``COUNT``:
+    query tiles, over the group's heads, as the forward's.
     """
     start_n = tl.program_id(0) * BLOCK_N
     off_kvh = tl.program_id(1).to(tl.int64)
@@ -221,23 +265,38 @@ def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    done = 0
+    dense = 0
     for g in range(group):
         off_h = off_kvh * group + g
         tma_b, tma_h = tl.program_id(2), tl.program_id(1) * group + g  # int32
         bh = off_b * (tl.num_programs(1) * group) + off_h
         slope = tl.load(SLOPES + off_b * stride_sb + off_h) * LOG2E
-        row_lo = q0 + tl.cast(lo, tl.int64)
+        lo_g, end_g = lo, end
+        if SKIP:
+            bounds = BOUNDS + off_b * stride_bb + off_h * stride_bh + k0
+            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+            r_end = (tl.load(bounds + last) - q0).to(tl.int32)
+            end_g = tl.minimum(tl.maximum(tl.cdiv(r_end, BLOCK_M) * BLOCK_M, b), end)
+            if not IS_CAUSAL:
+                r_start = (tl.load(bounds + stride_bs + start_n) - q0).to(tl.int32)
+                lo_g = tl.minimum(tl.maximum(r_start, 0) // BLOCK_M * BLOCK_M, a)
+        if COUNT:
+            band = tl.cdiv(b - a, BLOCK_M)
+            done += (a - lo_g) // BLOCK_M + band + tl.cdiv(end_g - b, BLOCK_M)
+            dense += (a - lo) // BLOCK_M + band + tl.cdiv(end - b, BLOCK_M)
+        row_lo = q0 + tl.cast(lo_g, tl.int64)
         Qh = Q + off_b * stride_qb + off_h * stride_qh + row_lo * stride_qm
         DOh = DO + off_b * stride_dob + off_h * stride_doh + row_lo * stride_dom
         LSEh = LSE_BIAS + off_b * stride_lb + off_h * stride_lh + row_lo
         DELTAh = DELTA + off_b * stride_lb + off_h * stride_lh + row_lo
         # each stage under `if`: see the forward
         if not IS_CAUSAL:
-            if 0 < a:
+            if lo_g < a:
                 dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
                     dk, dv, Qh, DOh, LSEh, DELTAh, Q_DESC, DO_DESC, tma_b, tma_h, k, v, keep,
                     offs_qT, offs_do, stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope,
-                    seqlen_q, shift, 0, a, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
+                    seqlen_q, shift, lo_g, a, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
                     BIAS_PERIOD, IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA,
                     INPUT_PRECISION, INTERPRETER)
         if a < b:
@@ -246,12 +305,14 @@ def alibi_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_BIAS, DELTA, SLOPES, KPM, CU_
                 offs_do, stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope, seqlen_q, shift,
                 a, b, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL, True,
                 1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
-        if b < end:
+        if b < end_g:
             dk, dv, Qh, DOh, LSEh, DELTAh = _alibi_attn_bwd_dkdv_inner(
                 dk, dv, Qh, DOh, LSEh, DELTAh, Q_DESC, DO_DESC, tma_b, tma_h, k, v, keep, offs_qT,
                 offs_do, stride_qm, stride_dom, stride_cs, pos_k, qk_scale, slope, seqlen_q, shift,
-                b, end, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL,
+                b, end_g, seed, bh, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BIAS_PERIOD, IS_CAUSAL,
                 False, 1, HAS_KEY_MASK, HAS_DROPOUT, USE_TMA, INPUT_PRECISION, INTERPRETER)
+    if COUNT:
+        _store_counts(COUNTS, done, dense)
     dk *= sm_scale
     if HAS_DROPOUT:
         dv *= 1.0 / (1.0 - dropout_p)
@@ -363,27 +424,30 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
 
 @triton.jit
 def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
-                       K_DESC, V_DESC, sm_scale, dropout_p,
+                       KMAX, COUNTS, K_DESC, V_DESC, sm_scale, dropout_p, skip_log2,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
-                       stride_dsb, stride_dsh,
+                       stride_dsb, stride_dsh, stride_xb,
                        group, seqlen_q, seqlen_k, pos_offset,
                        SQ_BUCKET, SK_BUCKET,  # autotune key only
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, HAS_SLOPE_GRAD: tl.constexpr,
-                       PARTIAL_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+                       PARTIAL_ROWS: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr,
+                       COUNT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       INTERPRETER: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), Hq, B)``: ``DQ [B, Hq, Sq, D]``, and with ``HAS_SLOPE_GRAD``
     this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``. ``USE_TMA`` (dense,
     no key mask): ``K_DESC``/``V_DESC`` as the forward's. ``PARTIAL_ROWS``: the keys are part
     of each row's (a context-parallel chunk pair), so the slope gradient's ``delta_i`` is
-    ``DELTA``, the whole row's, not this call's ``rowsum(p * dp)``."""
+    ``DELTA``, the whole row's, not this call's ``rowsum(p * dp)``. ``SKIP``, ``COUNT``,
+    ``KMAX``: as the forward's, the exact log-sum-exp the bound (with the slope gradient, the
+    skipped mass is bounded times ``Sk``, the largest distance that weighs it)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -431,36 +495,52 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
         seed = tl.load(SEED)
     tma_b, tma_h = tl.program_id(2), tl.program_id(1) // group  # TMA coordinates are int32
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, shift, seqlen_k, BLOCK_N, IS_CAUSAL, False)
+    lo, hi, top = 0, c, seqlen_k
+    if SKIP:  # the exact log-sum-exp bounds every term
+        ok = lse2 < float("inf")  # rows past Sq or without a key do not constrain
+        a_norm = qk_scale * _row_norms(q) * tl.load(KMAX + off_b * stride_xb + off_kvh)
+        side_log2 = skip_log2 - (0.0 if IS_CAUSAL else 1.0)
+        if HAS_SLOPE_GRAD:  # the slope gradient weighs each skipped term by its distance
+            side_log2 -= tl.log2(tl.maximum(seqlen_k.to(tl.float32), 1.0))
+        reach = _reach(a_norm, lse2, slope, seqlen_k, side_log2)
+        lo, hi, top = _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N, IS_CAUSAL)
     # the forward's stages, each under `if`
-    if 0 < a:
-        dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
-            delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope,
-            seqlen_k, 0, a, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL,
-            False, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA, INPUT_PRECISION,
-            INTERPRETER)
+    if lo < a:
+        dq, p_dist_dp, p_dist, p_dp, _, _, _ = _alibi_attn_bwd_dq_inner(
+            dq, p_dist_dp, p_dist, p_dp, _at(K, lo, stride_kn), _at(V, lo, stride_vn),
+            _at(KPM, lo, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, do, lse2, delta,
+            offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
+            slope, seqlen_k, lo, a, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
+            BLOCK_N, IS_CAUSAL, False, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD,
+            USE_TMA, INPUT_PRECISION, INTERPRETER)
     if a < b:
-        dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-            dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
-            delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale, slope,
-            seqlen_k, a, b, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL,
-            True, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA, INPUT_PRECISION,
-            INTERPRETER)
+        dq, p_dist_dp, p_dist, p_dp, _, _, _ = _alibi_attn_bwd_dq_inner(
+            dq, p_dist_dp, p_dist, p_dp, _at(K, a, stride_kn), _at(V, a, stride_vn),
+            _at(KPM, a, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, do, lse2, delta,
+            offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
+            slope, seqlen_k, a, b, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
+            BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD,
+            USE_TMA, INPUT_PRECISION, INTERPRETER)
+    ragged = (c < seqlen_k) & (hi == c) & (top > c)  # symmetric: the ragged end runs
     if not IS_CAUSAL:
-        if b < c:
-            dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
-                delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
-                slope, seqlen_k, b, c, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
-                IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA,
-                INPUT_PRECISION, INTERPRETER)
-        if c < seqlen_k:
-            dq, p_dist_dp, p_dist, p_dp, K, V, KPM = _alibi_attn_bwd_dq_inner(
-                dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_DESC, tma_b, tma_h, q, do, lse2,
-                delta, offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
+        if b < hi:
+            dq, p_dist_dp, p_dist, p_dp, _, _, _ = _alibi_attn_bwd_dq_inner(
+                dq, p_dist_dp, p_dist, p_dp, _at(K, b, stride_kn), _at(V, b, stride_vn),
+                _at(KPM, b, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, do, lse2, delta,
+                offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
+                slope, seqlen_k, b, hi, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
+                BLOCK_N, IS_CAUSAL, False, -1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD,
+                USE_TMA, INPUT_PRECISION, INTERPRETER)
+        if ragged:
+            dq, p_dist_dp, p_dist, p_dp, _, _, _ = _alibi_attn_bwd_dq_inner(
+                dq, p_dist_dp, p_dist, p_dp, _at(K, c, stride_kn), _at(V, c, stride_vn),
+                _at(KPM, c, stride_mn), K_DESC, V_DESC, tma_b, tma_h, q, do, lse2, delta,
+                offs_kT, offs_vT, stride_kn, stride_vn, stride_mn, pos_q, colf, qk_scale,
                 slope, seqlen_k, c, seqlen_k, seed, bh, offs_m, dropout_p, HEAD_DIM, BLOCK_D,
-                BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD, USE_TMA,
-                INPUT_PRECISION, INTERPRETER)
+                BLOCK_N, IS_CAUSAL, True, 1, HAS_KEY_MASK, HAS_DROPOUT, HAS_SLOPE_GRAD,
+                USE_TMA, INPUT_PRECISION, INTERPRETER)
+    if COUNT:
+        _count_stages(COUNTS, lo, a, b, c, hi, ragged, seqlen_k, BLOCK_N, IS_CAUSAL)
     if HAS_SLOPE_GRAD:
         # The bias is -m * dist: dm = -sum_ij dS * dist with dS = p * (dp - delta_i), summed
         # per row as p_dist_dp - delta_i * p_dist. delta_i is rowsum(p * dp) = p_dp, formed

@@ -25,7 +25,7 @@ the output rows: ``(b, h, row)`` with ``row`` the packed index when varlen.
 import triton
 import triton.language as tl
 
-from .alibi_attention import LOG2E, _dot, _narrow
+from .alibi_attention import LOG2E, SKIP_NONE, _dot, _narrow, _reach, _row_norms, _store_counts
 
 
 @triton.jit
@@ -45,20 +45,26 @@ def _decode_sequence(CU_Q, CU_K, SEQLENS, off_b, seqlen_q, seqlen_k,
 
 
 @triton.jit
-def alibi_decode_split_kernel(Q, K, V, OP, LP, SLOPES, KPM, CU_Q, CU_K, SEQLENS, sm_scale,
+def alibi_decode_split_kernel(Q, K, V, OP, LP, SLOPES, KPM, CU_Q, CU_K, SEQLENS, KMAX, COUNTS,
+                        sm_scale, skip_log2,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_ops, stride_opb, stride_oph, stride_opm,
                         stride_lps, stride_lpb, stride_lph,
-                        stride_sb, stride_mb, stride_mn,
+                        stride_sb, stride_mb, stride_mn, stride_xb,
                         group, seqlen_q, seqlen_k, num_splits, split_size,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         HAS_KEY_MASK: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        INTERPRETER: tl.constexpr):
-    """Partials ``OP [splits, B, Hq, Sq, D]`` and ``LP [splits, B, Hq, Sq]`` (fp32, log2)."""
+                        IS_VARLEN: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Partials ``OP [splits, B, Hq, Sq, D]`` and ``LP [splits, B, Hq, Sq]`` (fp32, log2).
+
+    ``SKIP``: certified skipping as the dense forward's (``_reach``, ``KMAX [B, Hk]``), each
+    row's lower bound the score of its own key (distance 0; none if that key is hidden): the
+    split's keys out of every row's reach are never read, a split left with none is written
+    empty. ``COUNT``: ``(K/V tiles read, tiles without skipping)`` per program."""
     split = tl.program_id(0) % num_splits
     start_r = (tl.program_id(0) // num_splits) * BLOCK_M
     off_kvh = tl.program_id(1).to(tl.int64)
@@ -93,6 +99,27 @@ def alibi_decode_split_kernel(Q, K, V, OP, LP, SLOPES, KPM, CU_Q, CU_K, SEQLENS,
         last_i = (tl.minimum(start_r + BLOCK_M, num_rows) - 1) // group
         hi = tl.minimum(hi, last_i + (seqlen_k - seqlen_q) + 1)
 
+    dense = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    if SKIP:
+        diag = off_i + (seqlen_k - seqlen_q)  # the row's own key
+        ok = r_mask
+        if IS_CAUSAL:
+            ok = ok & (diag >= 0)  # rows that see no key
+        seen = r_mask & (diag >= 0) & (diag < seqlen_k)
+        if HAS_KEY_MASK:
+            seen = seen & (tl.load(KPM + diag.to(tl.int64) * stride_mn, mask=seen, other=0) != 0)
+        k_own = tl.load(K + diag.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=seen[:, None] & d_mask[None, :], other=0.0)
+        own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), 1) * qk_scale
+        a_norm = qk_scale * _row_norms(q) * tl.load(KMAX + off_b * stride_xb + off_kvh)
+        reach = _reach(a_norm, tl.where(seen, own, float("-inf")), slope, seqlen_k,
+                       skip_log2 - (0.0 if IS_CAUSAL else 1.0))
+        low = tl.min(tl.where(ok, diag - reach, SKIP_NONE), 0) + 1  # keys below: negligible
+        lo += tl.maximum(low - lo, 0) // BLOCK_N * BLOCK_N
+        if not IS_CAUSAL:  # keys from top on: negligible
+            hi = tl.minimum(hi, tl.max(tl.where(ok, diag + reach, -SKIP_NONE), 0))
+    if COUNT:
+        _store_counts(COUNTS, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), dense)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

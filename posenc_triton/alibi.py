@@ -15,6 +15,7 @@ import torch
 
 from posenc_triton import _backend, _checks, alibi_ops
 from posenc_triton.alibi_decode import call_alibi_kvcache
+from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL, check_skip_tol
 from posenc_triton.reference import (
     alibi_attention_kvcache_reference,
     alibi_attention_reference,
@@ -264,7 +265,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     max_seqlen_q: Optional[int] = None,
                     max_seqlen_k: Optional[int] = None,
                     cache_seqlens: Optional[torch.Tensor] = None,
-                    dropout_p: float = 0.0) -> torch.Tensor:
+                    dropout_p: float = 0.0,
+                    skip_tol: float = DEFAULT_SKIP_TOL) -> torch.Tensor:
     """Softmax attention with the ALiBi bias, like ``F.scaled_dot_product_attention``:
     ``softmax(scale * q k^T - slopes[h] * |i - j|) v``, fused forward and backward.
 
@@ -299,6 +301,11 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             The mask comes from a Philox key drawn from the device's default generator
             (``torch.manual_seed`` reproduces it; CUDA-graph capture works); the backward
             regenerates it.
+        skip_tol: certified tile skipping: key tiles are left out only where a bound
+            proves that together they weigh at most ``skip_tol`` of each row's largest term
+            (:mod:`posenc_triton.alibi_skip`; ``posenc_triton.alibi_tile_counts`` counts
+            them), in the forward, the backward and decoding. Default ``2**-24``; ``0.0``
+            computes every tile.
 
     Returns:
         ``out`` shaped like ``q`` in ``layout``, q's dtype.
@@ -313,6 +320,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     dropout_p = _checks.probability("dropout_p", dropout_p)
+    skip_tol = check_skip_tol(skip_tol)
     slopes_grad = (torch.is_grad_enabled() and isinstance(slopes, torch.Tensor)
                    and slopes.requires_grad)
     if cache_seqlens is not None and (dropout_p > 0 or slopes_grad):
@@ -356,13 +364,14 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     if cache_seqlens is not None:
         return call_alibi_kvcache(q, k, v, slopes.contiguous(), key_padding_mask,
-                                  cache_seqlens.contiguous(), is_causal, scale, layout)[0]
+                                  cache_seqlens.contiguous(), is_causal, scale, layout,
+                                  skip_tol)[0]
     if varlen:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     seed = alibi_ops.draw_dropout_seed(q.device) if dropout_p > 0 else None
     return alibi_ops.run_alibi(q, k, v, slopes.contiguous(), key_padding_mask, cu_seqlens_q,
                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                               layout, dropout_p, seed)
+                               layout, dropout_p, seed, skip_tol)
 
 
 def alibi_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -370,7 +379,8 @@ def alibi_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
                            slopes: Optional[torch.Tensor] = None, *, is_causal: bool = True,
                            scale: Optional[float] = None,
-                           dropout_p: float = 0.0) -> torch.Tensor:
+                           dropout_p: float = 0.0,
+                           skip_tol: float = DEFAULT_SKIP_TOL) -> torch.Tensor:
     """ALiBi attention of packed variable-length sequences, in flash-attn's
     ``flash_attn_varlen_func`` convention and argument order (:func:`alibi_attention` with
     ``cu_seqlens_*``).
@@ -392,6 +402,7 @@ def alibi_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         is_causal: default True (each sequence's rows see its keys up to their position).
         scale: default ``1 / sqrt(D)``.
         dropout_p: in ``[0, 1)``, default 0.0 (as :func:`alibi_attention`).
+        skip_tol: certified tile skipping, default ``2**-24`` (as :func:`alibi_attention`).
 
     Returns:
         ``out [total_q, Hq, D]``, q's dtype.
@@ -402,7 +413,7 @@ def alibi_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return alibi_attention(q, k, v, slopes, is_causal=is_causal, scale=scale,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                           dropout_p=dropout_p)
+                           dropout_p=dropout_p, skip_tol=skip_tol)
 
 
 def alibi_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
@@ -410,8 +421,8 @@ def alibi_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
                                  slopes: Optional[torch.Tensor] = None, *,
                                  is_causal: bool = True, scale: Optional[float] = None,
                                  layout: str = "bhsd",
-                                 key_padding_mask: Optional[torch.Tensor] = None
-                                 ) -> torch.Tensor:
+                                 key_padding_mask: Optional[torch.Tensor] = None,
+                                 skip_tol: float = DEFAULT_SKIP_TOL) -> torch.Tensor:
     """ALiBi attention against a KV cache filled to a different length per sequence, in
     flash-attn's ``flash_attn_with_kvcache`` convention (the new keys already written; forward
     only; :func:`alibi_attention` with ``cache_seqlens``). Runs the split-KV decode kernel.
@@ -434,6 +445,8 @@ def alibi_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
         layout: ``"bhsd"`` (default) or ``"bshd"``.
         key_padding_mask: bool ``[B, Sk]``, True = keep, hiding keys inside the valid
             lengths too; default None.
+        skip_tol: certified skipping of the splits and tiles whose keys weigh at most that
+            much of each row's largest term, default ``2**-24`` (as :func:`alibi_attention`).
 
     Returns:
         ``out`` shaped like ``q`` in ``layout``, q's dtype.
@@ -442,4 +455,4 @@ def alibi_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
         raise TypeError(f"cache_seqlens must be an integer tensor [B], got {cache_seqlens!r}")
     return alibi_attention(q, k_cache, v_cache, slopes, is_causal=is_causal, scale=scale,
                            layout=layout, key_padding_mask=key_padding_mask,
-                           cache_seqlens=cache_seqlens)
+                           cache_seqlens=cache_seqlens, skip_tol=skip_tol)

@@ -68,7 +68,7 @@ SPILLS = {
 # tile spills on sm_90; this one holds 66-128 registers at D = 64-256 with pointer loads.
 IEEE_TILE = (16, 16, 4, 1)
 AUTOTUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_KEY_MASK",
-                "IS_VARLEN", "HAS_DROPOUT", "INPUT_PRECISION"]
+                "IS_VARLEN", "HAS_DROPOUT", "SKIP", "INPUT_PRECISION"]
 # Under the interpreter: one fixed tile, no autotuning (tests shrink it).
 INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 PREPROCESS_BLOCK_M = 64
@@ -151,11 +151,18 @@ def bias_period() -> int:
     return max(max(c[0] for c in DKDV_CONFIGS), IEEE_TILE[0])
 
 
-def min_block_m() -> int:
-    """The smallest ``BLOCK_M`` the ``dq`` kernel may run with."""
+def min_block_m(kernel: str = "dq") -> int:
+    """The smallest ``BLOCK_M`` the ``dq`` (or ``"fwd"``) kernel may run with."""
     if _backend.interpreting():
         return INTERPRETER_META["BLOCK_M"]
-    return min(min(c[0] for c in DQ_CONFIGS), IEEE_TILE[0])
+    return min(min(c[0] for c in {"dq": DQ_CONFIGS, "fwd": FWD_CONFIGS}[kernel]), IEEE_TILE[0])
+
+
+def min_block_n() -> int:
+    """The smallest ``BLOCK_N`` the ``dkdv`` kernel may run with."""
+    if _backend.interpreting():
+        return INTERPRETER_META["BLOCK_N"]
+    return min(min(c[1] for c in DKDV_CONFIGS), IEEE_TILE[1])
 
 
 @functools.cache

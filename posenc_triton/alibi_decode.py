@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from posenc_triton import _backend, alibi_launch
+from posenc_triton import _backend, alibi_launch, alibi_skip
 
 # Dispatch (see use_split): at most this many query rows, at least this many keys.
 MAX_SEQLEN_Q = 64
@@ -105,11 +105,12 @@ def _empty_f32(shape, device) -> torch.Tensor:
 
 def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
-                        cache_seqlens=None, wrap=False):
+                        cache_seqlens=None, skip_tol=0.0, wrap=False, counts=None):
     """``(out, lse)`` exactly as :func:`posenc_triton.alibi_ops.launch_alibi_fwd` returns them
     (same arguments), computed split-KV; ``cache_seqlens`` (int ``[B]``, dense input only)
     limits batch ``b`` to its first ``cache_seqlens[b]`` keys, its queries aligned to that
-    length."""
+    length. ``counts`` receives ``"forward"`` (K/V tiles read, tiles without skipping) and
+    ``"bytes"`` (bytes of K and V read, the key-norm pass included, and without skipping)."""
     from posenc_triton.kernels import alibi_decode as kern
 
     varlen = cu_seqlens_q is not None
@@ -145,20 +146,33 @@ def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seql
                     0 if varlen else part_lse.stride(1), part_lse.stride(2))
     mask, stride_mb, stride_mn = alibi_launch.key_mask_args(key_padding_mask, slopes)
     seqlens = slopes if cache_seqlens is None else cache_seqlens  # never read when None
+    skip = skip_tol > 0
+    kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k, cache_seqlens) if skip
+            else slopes.new_zeros((1, 1)))
+    grid = (m_blocks * num_splits, num_kv_heads, batch)
+    buffer = alibi_skip.count_buffer(grid[0] * grid[1] * grid[2] if counts is not None else 0,
+                                     q.device)
     with _backend.device_guard(q):
         split = alibi_launch.launchable(kern.alibi_decode_split_kernel, wrap)
-        split[(m_blocks * num_splits, num_kv_heads, batch)](
+        split[grid](
             q, k, v, part_out, part_lse, slopes, mask,
-            *alibi_launch.cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), seqlens, scale,
+            *alibi_launch.cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), seqlens, kmax,
+            buffer, scale, alibi_skip.skip_log2(skip_tol) if skip else 0.0,
             *alibi_launch.strides(q, k, v, varlen=varlen), *part_strides,
-            alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn,
-            group, seqlen_q, seqlen_k, num_splits, split_size, **meta, **blocks)
+            alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn, kmax.stride(0),
+            group, seqlen_q, seqlen_k, num_splits, split_size, SKIP=skip,
+            COUNT=counts is not None, **meta, **blocks)
         merge_grid = (_backend.cdiv(rows_q, _MERGE_BLOCK_M), num_heads, q.shape[0])
         alibi_launch.launchable(kern.alibi_decode_merge_kernel, wrap)[merge_grid](
             part_out, part_lse, out, lse, *part_out.stride()[:4], *part_lse.stride()[:3],
             *out.stride(), *lse.stride()[:2], rows_q, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_MERGE_BLOCK_M,
             INTERPRETER=interpreting)
+    if counts is not None:
+        done, dense = counts["forward"] = alibi_skip.counted(buffer)
+        tile = 2 * blocks["BLOCK_N"] * head_dim * k.element_size()  # a K and a V tile
+        norms = k.numel() * k.element_size() if skip else 0  # the key-norm pass reads all K
+        counts["bytes"] = (done * tile + norms, dense * tile)
     return alibi_launch.to_layout(out, layout, varlen), lse
 
 
@@ -168,22 +182,23 @@ def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seql
 
 
 def _launch_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
-                     layout, wrap=False):
+                     layout, skip_tol, wrap=False):
     return launch_alibi_decode(q, k, v, slopes, key_padding_mask, None, None, 0, 0, is_causal,
-                                scale, layout, cache_seqlens, wrap)
+                                scale, layout, cache_seqlens, skip_tol, wrap)
 
 
 @_backend.library_op("posenc_triton::alibi_decode_fwd", mutates_args=())
 def _alibi_decode_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          slopes: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                          cache_seqlens: torch.Tensor, is_causal: bool, scale: float,
-                         layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         layout: str, skip_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
-                            layout, wrap=True)
+                            layout, skip_tol, wrap=True)
 
 
 def call_alibi_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
-                       layout):
+                       layout, skip_tol=0.0):
     """``(out, lse)`` of checked arguments with ``cache_seqlens``; the op under compile."""
     return _backend.call_op(torch.ops.posenc_triton.alibi_decode_fwd, _launch_kvcache, q, k,
-                            v, slopes, key_padding_mask, cache_seqlens, is_causal, scale, layout)
+                            v, slopes, key_padding_mask, cache_seqlens, is_causal, scale, layout,
+                            skip_tol)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from posenc_triton import _backend, alibi_configs, alibi_decode, alibi_launch, alibi_tma
+from posenc_triton import _backend, alibi_configs, alibi_decode, alibi_launch, alibi_skip, alibi_tma
 
 # ------------------------------------------------------------------------------------------
 # Dropout: the Philox key and, for tests, the mask it draws
@@ -56,7 +56,8 @@ def dropout_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_head
 
 def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p=0.0,
-                     seed=None, wrap=False, pos_offset=0, out_dtype=None):
+                     seed=None, skip_tol=0.0, wrap=False, pos_offset=0, out_dtype=None,
+                     counts=None):
     """``(out, lse)``: ``out`` like ``q`` (contiguous in ``layout``), ``lse`` float32
     ``[B, Hq, Sq]`` (``[1, Hq, total_q]`` packed; natural log, ``+inf`` for rows that see no
     key).
@@ -71,14 +72,20 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
     (:func:`posenc_triton.alibi_decode.launch_alibi_decode`; the rule is its ``use_split``).
     ``pos_offset`` moves every query that many positions past its bottom-right alignment
     (a chunk pair of :mod:`posenc_triton.distributed`, which also asks ``out_dtype`` float32
-    to merge the pairs unrounded); such calls run the dense kernel.
+    to merge the pairs unrounded); such calls run the dense kernel, every tile.
+    ``skip_tol > 0`` skips the key tiles that a bound proves weigh at most that much of each
+    row's largest term (:mod:`posenc_triton.alibi_skip`). ``counts``, a dict, receives
+    ``"forward": (tiles computed, tiles of the dense kernel)`` as the kernels count them
+    (and ``"bytes"`` from the split-KV kernel).
     """
     dense_only = dropout_p > 0 or pos_offset != 0 or out_dtype is not None
     if not dense_only and alibi_decode.use_split(q, k, layout, cu_seqlens_q, max_seqlen_q,
                                                  max_seqlen_k):
         return alibi_decode.launch_alibi_decode(
             q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-            max_seqlen_k, is_causal, scale, layout, wrap=wrap)
+            max_seqlen_k, is_causal, scale, layout, skip_tol=skip_tol, wrap=wrap,
+            counts=counts)
+    skip = skip_tol > 0 and pos_offset == 0
     varlen = cu_seqlens_q is not None
     q, k, v = (alibi_launch.bhsd(t, layout, varlen) for t in (q, k, v))
     num_heads, seqlen_q, num_kv_heads, seqlen_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
@@ -97,28 +104,41 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
         fwd = alibi_configs.dense_kernels(_backend.interpreting(), meta["USE_TMA"] > 0)[0]
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = alibi_launch.key_mask_args(key_padding_mask, slopes)
+        kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k) if skip
+                else slopes.new_zeros((1, 1)))
+        buffer = alibi_skip.count_buffer(
+            _backend.cdiv(seqlen_q, alibi_configs.min_block_m("fwd")) * num_heads * batch
+            if counts is not None else 0, q.device)
         with _backend.device_guard(q):
             alibi_launch.launchable(fwd, wrap)[grid](
                 q, k, v, out, lse, slopes, mask,
                 *alibi_launch.cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes),
-                slopes if seed is None else seed, *descs, scale, dropout_p,
+                slopes if seed is None else seed, kmax, buffer, *descs, scale, dropout_p,
+                alibi_skip.skip_log2(skip_tol) if skip else 0.0,
                 *alibi_launch.strides(q, k, v, out, varlen=varlen),
                 *alibi_launch.lse_strides(lse, varlen),
-                alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn,
+                alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn, kmax.stride(0),
                 num_heads // num_kv_heads, seqlen_q, seqlen_k, pos_offset,
-                _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k), **meta)
+                _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k),
+                SKIP=skip, COUNT=counts is not None, **meta)
+        if counts is not None:
+            counts["forward"] = alibi_skip.counted(buffer)
+    elif counts is not None:
+        counts["forward"] = (0, 0)
     return alibi_launch.to_layout(out, layout, varlen), lse
 
 
 def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, out, lse, is_causal, scale, layout,
-                     dropout_p=0.0, seed=None, slopes_grad=False, wrap=False, pos_offset=0,
-                     partial_rows=False):
+                     dropout_p=0.0, seed=None, slopes_grad=False, skip_tol=0.0, wrap=False,
+                     pos_offset=0, partial_rows=False, counts=None):
     """``(dq, dk, dv, dslopes)``: the first three shaped like ``q, k, v``, each contiguous in
     ``layout``; ``dslopes`` float32 like ``slopes`` with ``slopes_grad``, else empty.
     ``pos_offset`` as for :func:`launch_alibi_fwd`; ``partial_rows``: the keys are part of each
     row's (a chunk pair of :mod:`posenc_triton.distributed`), ``out`` (best fp32) and ``lse``
-    the whole row's, and the slope gradient takes its ``delta`` from them."""
+    the whole row's, and the slope gradient takes its ``delta`` from them (every tile runs).
+    ``skip_tol`` and ``counts`` as for :func:`launch_alibi_fwd`, the bound from the exact
+    ``lse``; ``counts`` receives ``"dq"`` and ``"dkdv"``."""
     varlen = cu_seqlens_q is not None
     grad_out, q, k, v, out = (alibi_launch.bhsd(t, layout, varlen)
                               for t in (grad_out, q, k, v, out))
@@ -155,6 +175,20 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
     slots = _backend.cdiv(max_seqlen_q if varlen else seqlen_q, alibi_configs.min_block_m())
     slots = slots if slopes_grad else 0
     dslope_parts = torch.zeros((batch, num_heads, slots), dtype=torch.float32, device=q.device)
+    skip = skip_tol > 0 and pos_offset == 0 and not partial_rows
+    log2_tol = alibi_skip.skip_log2(skip_tol) if skip else 0.0
+    kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k) if skip
+            else slopes.new_zeros((1, 1)))
+    # the preprocess's per-row negligible keys, laid out as lse_bias, then per-key row bounds
+    lim = torch.empty(lse_bias.shape if skip else 0, dtype=torch.int32, device=q.device)
+    bounds = lim
+    count = counts is not None
+    dq_counts = alibi_skip.count_buffer(
+        _backend.cdiv(seqlen_q, alibi_configs.min_block_m()) * num_heads * batch if count else 0,
+        q.device)
+    dkdv_counts = alibi_skip.count_buffer(
+        _backend.cdiv(seqlen_k, alibi_configs.min_block_n()) * num_kv_heads * batch
+        if count else 0, q.device)
     with _backend.device_guard(q):
         if varlen:
             seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
@@ -162,12 +196,15 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
             block_m = meta.get("BLOCK_M", alibi_configs.PREPROCESS_BLOCK_M)
             grid = (_backend.cdiv(seqlen_q, block_m), num_heads, batch)
             alibi_launch.launchable(preprocess, wrap)[grid](
-                out, grad_out, delta, lse, lse_bias, slopes, cu_q,
-                *alibi_launch.strides(out, grad_out, varlen=varlen),
+                out, grad_out, delta, lse, lse_bias, slopes, cu_q, cu_k, q, kmax, lim, scale,
+                log2_tol, *alibi_launch.strides(out, grad_out, q, varlen=varlen),
                 *alibi_launch.lse_strides(lse, varlen),
-                alibi_launch.slope_batch_stride(slopes), lse.numel(), seqlen_q,
+                alibi_launch.slope_batch_stride(slopes), lse.numel(), kmax.stride(0),
+                num_heads // num_kv_heads, seqlen_q, seqlen_k,
                 HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m,
-                BIAS_PERIOD=bias_period, IS_CAUSAL=is_causal, IS_VARLEN=varlen)
+                BIAS_PERIOD=bias_period, IS_CAUSAL=is_causal, IS_VARLEN=varlen, SKIP=skip)
+            if skip:
+                bounds = alibi_skip.dkdv_query_bounds(lim, k.shape[2], is_causal)
         common = (*alibi_launch.lse_strides(lse, varlen),
                   alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn,
                   num_heads // num_kv_heads, seqlen_q, seqlen_k, pos_offset,
@@ -176,19 +213,25 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
             grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
             alibi_launch.launchable(dq_kernel, wrap)[grid](
                 q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, seed,
-                dslope_parts, *kv_descs, scale, dropout_p,
+                dslope_parts, kmax, dq_counts, *kv_descs, scale, dropout_p, log2_tol,
                 *alibi_launch.strides(q, k, v, grad_out, dq, varlen=varlen), *common[:5],
-                *dslope_parts.stride()[:2], *common[5:], HAS_SLOPE_GRAD=slopes_grad,
-                PARTIAL_ROWS=partial_rows,
+                *dslope_parts.stride()[:2], kmax.stride(0), *common[5:],
+                HAS_SLOPE_GRAD=slopes_grad, PARTIAL_ROWS=partial_rows, SKIP=skip, COUNT=count,
                 **{**meta, "USE_TMA": dq_tma})
         if dk.numel() > 0 and seqlen_k > 0:
             grid = lambda m: (_backend.cdiv(seqlen_k, m["BLOCK_N"]), num_kv_heads, batch)
+            bound_strides = ((bounds.stride(0), 0 if varlen else bounds.stride(1),
+                              bounds.stride(2)) if skip else (0, 0, 0))
             alibi_launch.launchable(dkdv, wrap)[grid](
                 q, k, v, grad_out, dk, dv, lse_bias, delta, slopes, mask, cu_q, cu_k, seed,
-                *qdo_descs, scale, dropout_p,
+                bounds, dkdv_counts, *qdo_descs, scale, dropout_p,
                 *alibi_launch.strides(q, k, v, grad_out, dk, dv, varlen=varlen),
-                *common[:5], lse.numel(), *common[5:], BIAS_PERIOD=bias_period,
+                *common[:5], lse.numel(), *bound_strides, *common[5:],
+                BIAS_PERIOD=bias_period, SKIP=skip, COUNT=count,
                 **{**meta, "USE_TMA": dkdv_tma})
+    if count:
+        counts["dq"] = alibi_skip.counted(dq_counts)
+        counts["dkdv"] = alibi_skip.counted(dkdv_counts)
     dslopes = dslope_parts.sum(-1)  # [B, Hq]
     if slopes_grad and slopes.dim() == 1:
         dslopes = dslopes.sum(0)
@@ -202,11 +245,11 @@ def _alibi_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens_q: Optional[torch.Tensor],
                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
                             max_seqlen_k: int, is_causal: bool, scale: float, layout: str,
-                            dropout_p: float, seed: Optional[torch.Tensor],
+                            dropout_p: float, seed: Optional[torch.Tensor], skip_tol: float,
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                             max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p,
-                            seed, wrap=True)
+                            seed, skip_tol, wrap=True)
 
 
 @_backend.library_op("posenc_triton::alibi_attention_bwd", mutates_args=())
@@ -217,11 +260,11 @@ def _alibi_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
                             max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor,
                             is_causal: bool, scale: float, layout: str, dropout_p: float,
-                            seed: Optional[torch.Tensor], slopes_grad: bool,
+                            seed: Optional[torch.Tensor], slopes_grad: bool, skip_tol: float,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q,
                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, is_causal,
-                            scale, layout, dropout_p, seed, slopes_grad, wrap=True)
+                            scale, layout, dropout_p, seed, slopes_grad, skip_tol, wrap=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,24 +291,26 @@ class AlibiAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, seed):
+                max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, seed,
+                skip_tol):
         out, lse = call_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k, is_causal, scale, layout,
-                                 dropout_p, seed)
+                                 dropout_p, seed, skip_tol)
         ctx.save_for_backward(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                               out, lse, seed)
-        ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p)
+        ctx.args = (max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, skip_tol)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, slopes, key_padding_mask, cu_q, cu_k, out, lse, seed = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p = ctx.args
+        max_seqlen_q, max_seqlen_k, is_causal, scale, layout, dropout_p, skip_tol = ctx.args
         slopes_grad = ctx.needs_input_grad[3]
         dq, dk, dv, dslopes = call_alibi_bwd(
             grad_out, q, k, v, slopes, key_padding_mask, cu_q, cu_k, max_seqlen_q,
-            max_seqlen_k, out, lse, is_causal, scale, layout, dropout_p, seed, slopes_grad)
-        return dq, dk, dv, dslopes if slopes_grad else None, *(None,) * 10
+            max_seqlen_k, out, lse, is_causal, scale, layout, dropout_p, seed, slopes_grad,
+            skip_tol)
+        return dq, dk, dv, dslopes if slopes_grad else None, *(None,) * 11
 
 
 def run_alibi(*args) -> torch.Tensor:
