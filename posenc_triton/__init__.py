@@ -6,6 +6,7 @@ from posenc_triton.alibi import (
     alibi_attention_with_kvcache,
     alibi_slopes,
 )
+from posenc_triton.alibi_counts import alibi_tile_counts
 from posenc_triton.nn import (
     ALiBiAttention,
     RoPEAttention,
@@ -25,6 +26,7 @@ __all__ = [
     "alibi_attention_varlen",
     "alibi_attention_with_kvcache",
     "alibi_slopes",
+    "alibi_tile_counts",
     "apply_rope",
     "rope_cos_sin",
     "rope_frequencies",

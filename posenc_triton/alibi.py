@@ -256,6 +256,45 @@ def _reference_reason(q: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+def _checked(q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu_seqlens_q,
+             cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, dropout_p, skip_tol):
+    """:func:`alibi_attention`'s arguments checked: ``(slopes, scale, layout, max_seqlen_q,
+    max_seqlen_k, dropout_p, skip_tol)`` with the defaults filled in (packed input: layout
+    ``"bshd"``, the bounds read or checked; dense: bounds 0)."""
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    dropout_p = _checks.probability("dropout_p", dropout_p)
+    skip_tol = check_skip_tol(skip_tol)
+    slopes_grad = (torch.is_grad_enabled() and isinstance(slopes, torch.Tensor)
+                   and slopes.requires_grad)
+    if cache_seqlens is not None and (dropout_p > 0 or slopes_grad):
+        raise ValueError("cache_seqlens is for inference (forward only): pass dropout_p=0 "
+                         "and slopes that do not require grad")
+    if varlen and cache_seqlens is not None:
+        raise ValueError("cache_seqlens does not apply to packed input (cu_seqlens): packed "
+                         "sequences carry their key lengths in cu_seqlens_k")
+    if varlen:
+        _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      key_padding_mask)
+        layout = "bshd"
+        scale = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+                              for t in (q, k, v)), slopes, is_causal, scale, layout,
+                            num_seqs=cu_seqlens_q.numel() - 1)
+        max_seqlen_q, max_seqlen_k = _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q, max_seqlen_k)
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q and max_seqlen_k apply to packed input only: "
+                             "pass them with cu_seqlens_q and cu_seqlens_k")
+        scale = check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
+        max_seqlen_q = max_seqlen_k = 0
+        if cache_seqlens is not None:
+            _check_cache_seqlens(q, k, v, cache_seqlens, layout)
+    if slopes is None:
+        slopes = _default_slopes(q.shape[-2 if varlen else 1 if layout == "bhsd" else 2],
+                                 q.device)
+    return slopes, scale, layout, max_seqlen_q, max_seqlen_k, dropout_p, skip_tol
+
+
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slopes: Optional[torch.Tensor] = None, *, is_causal: bool = True,
                     scale: Optional[float] = None, layout: str = "bhsd",
@@ -318,37 +357,10 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chosen by shape (:func:`posenc_triton.alibi_decode.use_split`), with the same results;
     calls with dropout run the dense kernel.
     """
+    args = _checked(q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu_seqlens_q,
+                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, dropout_p, skip_tol)
+    slopes, scale, layout, max_seqlen_q, max_seqlen_k, dropout_p, skip_tol = args
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    dropout_p = _checks.probability("dropout_p", dropout_p)
-    skip_tol = check_skip_tol(skip_tol)
-    slopes_grad = (torch.is_grad_enabled() and isinstance(slopes, torch.Tensor)
-                   and slopes.requires_grad)
-    if cache_seqlens is not None and (dropout_p > 0 or slopes_grad):
-        raise ValueError("cache_seqlens is for inference (forward only): pass dropout_p=0 "
-                         "and slopes that do not require grad")
-    if varlen and cache_seqlens is not None:
-        raise ValueError("cache_seqlens does not apply to packed input (cu_seqlens): packed "
-                         "sequences carry their key lengths in cu_seqlens_k")
-    if varlen:
-        _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      key_padding_mask)
-        layout = "bshd"
-        scale = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
-                              for t in (q, k, v)), slopes, is_causal, scale, layout,
-                            num_seqs=cu_seqlens_q.numel() - 1)
-        max_seqlen_q, max_seqlen_k = _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k,
-                                                    max_seqlen_q, max_seqlen_k)
-    else:
-        if max_seqlen_q is not None or max_seqlen_k is not None:
-            raise ValueError("max_seqlen_q and max_seqlen_k apply to packed input only: "
-                             "pass them with cu_seqlens_q and cu_seqlens_k")
-        scale = check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
-        max_seqlen_q = max_seqlen_k = 0
-        if cache_seqlens is not None:
-            _check_cache_seqlens(q, k, v, cache_seqlens, layout)
-    if slopes is None:
-        slopes = _default_slopes(q.shape[-2 if varlen else 1 if layout == "bhsd" else 2],
-                                 q.device)
     if not _backend.use_triton(q) or q.dtype == torch.float64:
         _backend.warn_once(_reference_reason(q))
         if cache_seqlens is not None:

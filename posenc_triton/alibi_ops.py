@@ -175,7 +175,8 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
     slots = _backend.cdiv(max_seqlen_q if varlen else seqlen_q, alibi_configs.min_block_m())
     slots = slots if slopes_grad else 0
     dslope_parts = torch.zeros((batch, num_heads, slots), dtype=torch.float32, device=q.device)
-    skip = skip_tol > 0 and pos_offset == 0 and not partial_rows
+    # (without query rows the preprocess writes no bounds, and dkdv has no row to skip)
+    skip = skip_tol > 0 and pos_offset == 0 and not partial_rows and dq.numel() > 0
     log2_tol = alibi_skip.skip_log2(skip_tol) if skip else 0.0
     kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k) if skip
             else slopes.new_zeros((1, 1)))

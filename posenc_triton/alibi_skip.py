@@ -60,7 +60,7 @@ def key_norm_max(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = Non
     keys = torch.arange(k.shape[2], device=k.device, dtype=cu_seqlens_k.dtype)
     seq = torch.searchsorted(cu_seqlens_k, keys, right=True) - 1
     out = norms.new_zeros((cu_seqlens_k.numel() - 1, k.shape[1]))
-    return out.index_reduce_(0, seq, norms[0].t(), "amax")
+    return out.scatter_reduce_(0, seq[:, None].expand(-1, k.shape[1]), norms[0].t(), "amax")
 
 
 def dkdv_query_bounds(lim: torch.Tensor, num_keys: int, is_causal: bool) -> torch.Tensor:

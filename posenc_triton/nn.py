@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from posenc_triton import _backend, _checks, reference
 from posenc_triton._attention import SelfAttentionBase
 from posenc_triton.alibi import MAX_HEAD_DIM, alibi_attention, alibi_slopes
+from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL, check_skip_tol
 from posenc_triton.rope import LAYOUTS, apply_rope
 from posenc_triton.rope_scaling import rope_cos_sin, rope_frequencies
 
@@ -236,7 +237,8 @@ class ALiBiAttention(_Float32Tables, SelfAttentionBase):
     follow the module's device, stay float32 when the weights are cast, are not in the
     ``state_dict``, and may be replaced by custom slopes. ``trainable_slopes=True`` makes
     them a parameter instead (initialised the same, float32 whatever the weights' dtype, in
-    the ``state_dict``), whose gradient comes from the fused backward.
+    the ``state_dict``), whose gradient comes from the fused backward. ``skip_tol``:
+    :func:`alibi_attention`'s certified tile skipping (default ``2**-24``; 0.0: every tile).
 
     ``forward(x, attention_mask=None, is_causal=False)``: ``x [B, S, d_model]`` →
     ``[B, S, d_model]``; ``attention_mask`` bool ``[B, S]`` (True = real token, False =
@@ -250,9 +252,11 @@ class ALiBiAttention(_Float32Tables, SelfAttentionBase):
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int = 2048,
                  dropout: float = 0.0, *, num_kv_heads: Optional[int] = None,
-                 bias: bool = False, trainable_slopes: bool = False, device=None, dtype=None):
+                 bias: bool = False, trainable_slopes: bool = False,
+                 skip_tol: float = DEFAULT_SKIP_TOL, device=None, dtype=None):
         super().__init__(d_model, num_heads, max_seq_len, dropout, num_kv_heads=num_kv_heads,
                          bias=bias, device=device, dtype=dtype)
+        self.skip_tol = check_skip_tol(skip_tol)
         if self.head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim = d_model // num_heads = {d_model} // {num_heads} = "
                              f"{self.head_dim} exceeds ALiBi's maximum {MAX_HEAD_DIM}")
@@ -271,7 +275,8 @@ class ALiBiAttention(_Float32Tables, SelfAttentionBase):
         q, k, v = self._project(x)  # [B, S, H, D] views: the kernel reads them in place
         out = alibi_attention(q, k, v, self.slopes, is_causal=is_causal, layout="bshd",
                               key_padding_mask=attention_mask,
-                              dropout_p=self.dropout if self.training else 0.0)
+                              dropout_p=self.dropout if self.training else 0.0,
+                              skip_tol=self.skip_tol)
         return self.o_proj(out.reshape(batch, seqlen, self.d_model))
 
 

@@ -70,6 +70,7 @@ from typing import Callable, Optional
 import torch
 
 from posenc_triton import alibi_attention
+from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL
 from posenc_triton.integrations._alibi_checks import (
     BLOOM,
     FALCON,
@@ -86,16 +87,18 @@ from posenc_triton.integrations._hf import modeling
 
 __all__ = ["FAMILIES", "Convention", "Family"]
 
-FLAG = "_posenc_check_masks"  # instance attribute set by patch_alibi
+FLAG = "_posenc_check_masks"  # instance attributes set by patch_alibi
+SKIP_TOL = "_posenc_skip_tol"
 PROBE = threading.local()  # .calls: a list while _alibi_patch probes a drop-in
 
 
-def _attention(*args, **kwargs) -> torch.Tensor:
-    """:func:`alibi_attention`, counted while a probe watches (the fused path ran)."""
+def _attention(layer, *args, **kwargs) -> torch.Tensor:
+    """:func:`alibi_attention` with the ``skip_tol`` ``layer`` was patched with, counted
+    while a probe watches (the fused path ran)."""
     calls = getattr(PROBE, "calls", None)
     if calls is not None:
         calls.append(1)
-    return alibi_attention(*args, **kwargs)
+    return alibi_attention(*args, skip_tol=getattr(layer, SKIP_TOL, DEFAULT_SKIP_TOL), **kwargs)
 
 
 class Fused:
@@ -168,7 +171,7 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
         key, value = layer_past.update(key, value, self.layer_idx)
     check_keys(key.shape[-2], seqlen_k, "BloomAttention")
     # bshd views (no copy): the output comes back contiguous [B, Sq, H, D].
-    context = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    context = _attention(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes, is_causal=True, scale=float(self.inv_norm_factor),
                               layout="bshd", key_padding_mask=kpm,
                               dropout_p=_dropout_p(self, self.attention_dropout))
@@ -241,10 +244,9 @@ def _mpt_block_forward(self, hidden_states, position_bias, attention_mask, layer
                                        attn.layer_idx, kwargs={})
         key, value = key.transpose(1, 2), value.transpose(1, 2)
     check_keys(key.shape[1], seqlen_k, "MptAttention")
-    context = _attention(query, key, value, slopes, is_causal=True,
-                              scale=float(attn.softmax_scale), layout="bshd",
-                              key_padding_mask=kpm,
-                              dropout_p=_dropout_p(attn, attn.attn_dropout_p))
+    context = _attention(self, query, key, value, slopes, is_causal=True,
+                         scale=float(attn.softmax_scale), layout="bshd", key_padding_mask=kpm,
+                         dropout_p=_dropout_p(attn, attn.attn_dropout_p))
     hidden_states = self.resid_attn_dropout(attn.out_proj(context.reshape(batch, seqlen_q, -1)))
     hidden_states = hidden_states + residual
     return self.ffn(self.norm_2(hidden_states), hidden_states), None
@@ -308,7 +310,7 @@ def _falcon_alibi_forward(self, hidden_states, alibi, attention_mask, position_i
     check_keys(key.shape[-2], seqlen_k, "FalconAttention")
     # SDPA adds the folded alibi / sqrt(D) once; the eager path adds alibi * inv_norm too.
     times = 1.0 if self.config._attn_implementation == "sdpa" else 2.0
-    context = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    context = _attention(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               slopes * (times * self.inv_norm_factor), is_causal=True,
                               scale=float(self.inv_norm_factor), layout="bshd",
                               key_padding_mask=kpm,
@@ -379,7 +381,7 @@ def _falcon_folded_forward(self, hidden_states, attention_mask, position_ids=Non
         key, value = key.transpose(1, 2), value.transpose(1, 2)
     check_keys(key.shape[1], seqlen_k, "FalconAttention")
     # FalconModel folds alibi / sqrt(head_dim) into the mask; the scores are scaled by .scaling.
-    context = _attention(query, key, value, slopes / head_dim ** 0.5, is_causal=True,
+    context = _attention(self, query, key, value, slopes / head_dim ** 0.5, is_causal=True,
                          scale=float(self.scaling), layout="bshd", key_padding_mask=kpm,
                          dropout_p=_dropout_p(self, self.attention_dropout))
     return self.dense(context.reshape(batch, seqlen_q, num_heads * head_dim)), None

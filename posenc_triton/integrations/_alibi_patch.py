@@ -24,8 +24,16 @@ from typing import Optional
 import torch
 
 from posenc_triton import _backend
+from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL, check_skip_tol
 from posenc_triton.integrations import _alibi_models as models
-from posenc_triton.integrations._alibi_models import FAMILIES, FLAG, Convention, Family, Fused
+from posenc_triton.integrations._alibi_models import (
+    FAMILIES,
+    FLAG,
+    SKIP_TOL,
+    Convention,
+    Family,
+    Fused,
+)
 from posenc_triton.integrations._hf import modeling
 
 __all__ = ["patch_alibi", "patched_alibi_layers", "prepare_alibi", "unpatch_alibi"]
@@ -156,15 +164,18 @@ def _run_probe(family: Family, cls: type, conv: Convention, cfg) -> Optional[str
 # ----------------------------------------------------------------------------------------
 
 
-def prepare_alibi(model: torch.nn.Module, which: str, *, check_masks: bool = True):
+def prepare_alibi(model: torch.nn.Module, which: str, *, check_masks: bool = True,
+                  skip_tol: float = DEFAULT_SKIP_TOL):
     """Check that ``which`` (``"bloom"``, ``"mpt"``, ``"falcon"``) can be patched into
     ``model``; returns a function that patches it and returns the number of layers. Raises
     ValueError (nothing touched) when there is no such layer, a subclass overrides the
-    forward, the attention implementation is not covered, or the probe fails."""
+    forward, the attention implementation is not covered, or the probe fails. The layers
+    run :func:`posenc_triton.alibi_attention` with ``skip_tol``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(check_masks, bool):
         raise TypeError(f"check_masks must be a bool, got {type(check_masks).__name__}")
+    skip_tol = check_skip_tol(skip_tol)
     family = FAMILIES[which]
     base = getattr(modeling(family.module), family.layer)
     layers = [m for m in model.modules() if isinstance(m, base)]
@@ -191,16 +202,18 @@ def prepare_alibi(model: torch.nn.Module, which: str, *, check_masks: bool = Tru
             if not isinstance(m, Fused):
                 m.__class__ = _fused_class(type(m), family, conv)
             setattr(m, FLAG, check_masks)
+            setattr(m, SKIP_TOL, skip_tol)
         return len(layers)
 
     return install
 
 
-def patch_alibi(model: torch.nn.Module, which: str, *, check_masks: bool = True) -> int:
+def patch_alibi(model: torch.nn.Module, which: str, *, check_masks: bool = True,
+                skip_tol: float = DEFAULT_SKIP_TOL) -> int:
     """Swap every ``which`` ALiBi layer of ``model`` for its fused subclass; returns how many
-    (idempotent: a repeated call updates ``check_masks``). ValueError as
+    (idempotent: a repeated call updates ``check_masks`` and ``skip_tol``). ValueError as
     :func:`prepare_alibi`."""
-    return prepare_alibi(model, which, check_masks=check_masks)()
+    return prepare_alibi(model, which, check_masks=check_masks, skip_tol=skip_tol)()
 
 
 def unpatch_alibi(model: torch.nn.Module) -> int:
@@ -212,6 +225,7 @@ def unpatch_alibi(model: torch.nn.Module) -> int:
         if isinstance(m, Fused):
             m.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, Fused))
             m.__dict__.pop(FLAG, None)
+            m.__dict__.pop(SKIP_TOL, None)
             count += 1
     return count
 

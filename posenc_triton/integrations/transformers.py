@@ -34,6 +34,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL
 from posenc_triton.integrations import _alibi_patch, _hub, _rope_patch
 from posenc_triton.integrations._hf import require_transformers
 from posenc_triton.integrations._hub import kernel_config, kernel_mapping
@@ -149,8 +150,8 @@ def _probed_kinds(model, model_type, config) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def apply(model: torch.nn.Module, *, check_masks: bool = True,
-          strict: bool = True) -> torch.nn.Module:
+def apply(model: torch.nn.Module, *, check_masks: bool = True, strict: bool = True,
+          skip_tol: float = DEFAULT_SKIP_TOL) -> torch.nn.Module:
     """Route every RoPE / ALiBi attention layer of ``model`` through the fused kernels.
 
     Every patch kind is checked before anything is installed: each RoPE function the layers
@@ -167,6 +168,8 @@ def apply(model: torch.nn.Module, *, check_masks: bool = True,
             forward; ``False`` trusts them (for ``torch.compile`` / CUDA graphs).
         strict: a kind whose check fails raises (nothing patched); ``False`` leaves that kind
             unpatched with one warning and patches the others.
+        skip_tol: ALiBi models only: :func:`posenc_triton.alibi_attention`'s certified tile
+            skipping (default ``2**-24``; ``0.0`` computes every tile).
 
     Returns:
         ``model`` (patched in place; patching twice is a no-op).
@@ -188,7 +191,7 @@ def apply(model: torch.nn.Module, *, check_masks: bool = True,
     installs = []
     for kind in kinds:
         try:
-            installs.append(_prepare(model, model_type, kind, check_masks))
+            installs.append(_prepare(model, model_type, kind, check_masks, skip_tol))
         except ValueError as e:
             message = (f"cannot patch {kind} into {model_type} model {type(model).__name__} "
                        f"(transformers {transformers.__version__}): {e}")
@@ -200,11 +203,13 @@ def apply(model: torch.nn.Module, *, check_masks: bool = True,
     return model
 
 
-def _prepare(model, model_type: str, kind: str, check_masks: bool) -> Callable:
+def _prepare(model, model_type: str, kind: str, check_masks: bool,
+             skip_tol: float = DEFAULT_SKIP_TOL) -> Callable:
     """Check one patch kind against ``model``; returns the function that installs it."""
     family, name = kind.split("/", 1)
     if family == "alibi":
-        return _alibi_patch.prepare_alibi(model, name, check_masks=check_masks)
+        return _alibi_patch.prepare_alibi(model, name, check_masks=check_masks,
+                                          skip_tol=skip_tol)
     rope = KINDS[name]
     sites = _rope_patch.rope_sites(model, [rope], ROPE_LAYERS.get(model_type))
     if not sites:
