@@ -37,6 +37,8 @@ import tempfile
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL
+
 SHARED_LIMIT = {90: 232448, 80: 166912}  # dynamic shared memory per block, bytes
 FP_ALU = ("FFMA", "FMUL", "FADD", "FMNMX")
 # A representative launch: B2 H32 S4096 (the benchmark's), GQA with 8 KV heads or MHA.
@@ -54,11 +56,13 @@ class Case:
     varlen: bool = False
     dropout: bool = False      # fused attention dropout (every kernel)
     slope_grad: bool = False   # trainable slopes (the dq kernel)
+    skip: bool = True          # certified tile skipping (the default); False: skip_tol=0
 
     def label(self) -> str:
         extra = "".join((" mask" if self.key_mask else "", " varlen" if self.varlen else "",
                          " dropout" if self.dropout else "",
-                         " slope-grad" if self.slope_grad else ""))
+                         " slope-grad" if self.slope_grad else "",
+                         "" if self.skip else " no-skip"))
         return (f"{self.kernel} D{self.head_dim} {self.dtype} "
                 f"{'causal' if self.causal else 'full'} g{self.group}{extra}")
 
@@ -163,13 +167,14 @@ def record(case: Case, arch: int = 90) -> list:
     mask = torch.empty(BATCH, SEQLEN, dtype=torch.bool, device=dev) if case.key_mask else None
     scale = case.head_dim ** -0.5
     dropout = (0.1, torch.empty(1, dtype=torch.int64, device=dev)) if case.dropout else (0.0,)
+    skip_tol = DEFAULT_SKIP_TOL if case.skip else 0.0
     launches = []
     with _recording(launches, tma=arch >= 90):
         out, lse = alibi_ops.launch_alibi_fwd(q, k, v, slopes, mask, *packed, case.causal,
-                                              scale, "bhsd", *dropout)
+                                              scale, "bhsd", *dropout, skip_tol=skip_tol)
         alibi_ops.launch_alibi_bwd(torch.empty_like(out), q, k, v, slopes, mask, *packed, out,
                                    lse, case.causal, scale, "bhsd", *dropout,
-                                   slopes_grad=case.slope_grad)
+                                   slopes_grad=case.slope_grad, skip_tol=skip_tol)
     return launches
 
 
@@ -379,7 +384,9 @@ def cases(full: bool) -> list:
     out += [Case(kernel, dropout=True) for kernel in ("fwd", "dq", "dkdv")]
     out += [Case("dq", causal=causal, group=group, slope_grad=True)
             for causal, group in ((True, 4), (False, 1))]
-    out.append(Case("preprocess"))
+    out += [Case(kernel, causal=causal, skip=False) for kernel in ("fwd", "dq", "dkdv")
+            for causal in (True, False)]  # skip_tol=0: today's dense kernels
+    out += [Case("preprocess"), Case("preprocess", causal=False)]
     out += [Case(f"tutorial-{kernel}", causal=False, group=1) for kernel in ("fwd", "dq", "dkdv")]
     if full:
         for kernel in ("fwd", "dq", "dkdv"):

@@ -370,6 +370,9 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, KMAX, COUNT
     io_mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(Q + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=io_mask,
                 other=0.0)
+    a_norm = 0.0
+    if SKIP:  # here, before the accumulator lives: q in fp32 takes as many registers
+        a_norm = qk_scale * _row_norms(q) * tl.load(KMAX + off_b * stride_xb + off_kvh)
 
     shift = seqlen_k - seqlen_q + pos_offset
     pos_q = offs_m + shift  # i', the row's key position
@@ -404,7 +407,6 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, KMAX, COUNT
         ok = offs_m < seqlen_q
         if IS_CAUSAL:
             ok = ok & (pos_q >= 0)  # rows that see no key
-        a_norm = qk_scale * _row_norms(q) * tl.load(KMAX + off_b * stride_xb + off_kvh)
         reach = _reach(a_norm, m_i, slope, seqlen_k, skip_log2 - (0.0 if IS_CAUSAL else 1.0))
         lo, hi, top = _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N, IS_CAUSAL)
     if lo < a:

@@ -34,6 +34,7 @@ SPILLS = {
         "dropout": [(128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)],  # Philox rounds
         "sm80+key_mask": [(128, 64, 8, 3)],  # the key mask's loads on mma.sync
         "triton38+symmetric": [(128, 128, 8, 3), (64, 128, 4, 3)],  # Triton 3.8's allocator
+        "skip+symmetric": [(128, 128, 8, 3)],  # the skip bounds of both directions
     },
     "dq": {
         "pointers+dropout": [(64, 64, 4, 3)],  # Philox rounds with pointer loads
@@ -58,6 +59,7 @@ SPILLS = {
         "triton38+symmetric+gqa": [(16, 128, 8, 3)],  # Triton 3.8's allocator
         "triton38+dropout": [(32, 64, 4, 3)],  # Triton 3.8's allocator
         "triton38+dropout+gqa": [(16, 128, 8, 3)],  # Triton 3.8's allocator
+        "skip+symmetric+gqa": [(32, 128, 8, 3)],  # both directions' query bounds, per head
         "triton39": [(16, 64, 4, 1)],  # offered for Triton 3.8's symmetric GQA dkdv only
         "key_mask": [(16, 64, 4, 1)],  # (the same)
         "varlen": [(16, 64, 4, 1)],  # (the same)
@@ -106,7 +108,7 @@ def prune_configs(configs, named_args, kernel=None, **kwargs):
           "mha": get("group") == 1, "tma": bool(get("USE_TMA")),
           "dropout": get("HAS_DROPOUT"), "slope_grad": get("HAS_SLOPE_GRAD"),
           "pointers": not get("USE_TMA"), "key_mask": get("HAS_KEY_MASK"),
-          "varlen": get("IS_VARLEN"),
+          "varlen": get("IS_VARLEN"), "skip": get("SKIP"),
           "sm80": arch(get("Q")) < 90, "triton38": triton_version() < (3, 9),
           "triton39": triton_version() >= (3, 9)}
     drop = {tile for variant, tiles in SPILLS.get(kernel, {}).items()

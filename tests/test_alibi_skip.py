@@ -155,7 +155,7 @@ def _dominant_far_key(sq):
     largest term by far). Head 1 (its own KV head) is ordinary, and skips. ``sq = 20`` runs
     the split-KV kernel, 80 the dense one."""
     torch.manual_seed(6)
-    d, sk = 16, 1040
+    d, sk = 16, 1100
     q, k, v = _qkv(1, 2, 2, sq, sk, d, torch.float32)
     u = torch.nn.functional.normalize(torch.randn(d, device=DEVICE), dim=0)
     q[0, 0] = 4.0 * u
@@ -222,14 +222,16 @@ def test_zero_slopes_compute_everything():
 
 def test_tile_fractions_standard_slopes(monkeypatch):
     """B1 H8 S2048 D64 causal, standard slopes, N(0, 1): each kernel computes at most 0.70 of
-    the dense tiles (64 x 64 tiles, as a GPU runs); all-zero slopes compute all of them."""
+    the dense tiles (64 x 64 tiles, as a GPU runs; measured 0.60, 0.60, 0.60); all-zero slopes
+    compute all of them."""
     set_interpreter_tile(monkeypatch, 64, 64)
     torch.manual_seed(9)
     inputs = _qkv(1, 8, 8, 2048, 2048, 64, torch.float16)
     counts = tile_counts(*inputs, alibi_slopes(8, DEVICE))
     for name, (done, dense) in counts.items():
         assert done <= 0.70 * dense, f"{name}: {done / dense:.3f} of the dense tiles"
-    zero = tile_counts(*inputs, torch.zeros(8, device=DEVICE))
+    # zero slopes: every tile (one head: the count is per head)
+    zero = tile_counts(*(t[:, :1] for t in inputs), torch.zeros(1, device=DEVICE))
     assert all(done == dense for done, dense in zero.values()), zero
 
 
