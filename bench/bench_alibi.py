@@ -6,7 +6,11 @@
 
 bf16, layout bhsd, default scale 1/sqrt(D), bottom-right causal alignment. Columns:
 
-* ours: ``alibi_attention(q, k, v, slopes, is_causal=...)`` (GQA native).
+* ours: ``alibi_attention(q, k, v, slopes, is_causal=...)`` (GQA native; certified tile
+  skipping on, its default), with the fraction of the dense kernels' tiles it computed
+  (``alibi_tile_counts``, the kernels' own counters) beside the times.
+* ours (skip_tol=0): the same kernels computing every tile (the base where the float32
+  reference does not fit).
 * flex: ``torch.compile(flex_attention)`` with an ALiBi ``score_mod``
   (``score - slope[h] * (q_idx + Sk - Sq - kv_idx)``, absolute value when not causal), a
   bottom-right causal ``create_block_mask`` (built untimed), ``enable_gqa=True`` for GQA.
@@ -26,7 +30,9 @@ per-sequence reference; the bias-free SDPA ceiling does not apply.
 Modes: fwd, and fwd+bwd (forward then ``torch.autograd.grad`` for q, k, v). TFLOP/s:
 ``4*B*Hq*Sq*Sk*D`` times the visible fraction (0.5 causal when Sq == Sk, counted exactly
 otherwise), x3.5 for fwd+bwd. Peak memory is the CUDA peak of one call, inputs included.
-The last case (S=65536) is a memory check: ours only, fwd+bwd.
+The long-context cases (B1 H32 D128 causal, S = 16384 and 65536) are skipping's: ours
+against flex and against itself at ``skip_tol=0``. The last case (S=65536 H8) is a memory
+check: ours only, fwd+bwd.
 
 Before timing, outputs (fwd) or gradients (fwd+bwd) are compared with the float32
 reference where its scores fit in 8 GiB, else with ours; a failure prints "FAIL".
@@ -52,7 +58,7 @@ import torch.nn.functional as F
 from . import common
 
 DTYPE = torch.bfloat16
-IMPLS = ["ours", "flex", "sdpa+bias", "eager", "sdpa (no bias)"]
+IMPLS = ["ours", "ours (skip_tol=0)", "flex", "sdpa+bias", "eager", "sdpa (no bias)"]
 TOLERANCE = 3e-2  # largest error / largest |expected|, bf16 attention outputs and gradients
 EAGER_LIMIT = 8 << 30  # bytes of fp32 scores beyond which the eager reference is skipped
 BIAS_LIMIT = 16 << 30  # bytes of materialised bf16 bias beyond which sdpa+bias is skipped
@@ -102,13 +108,14 @@ def cases(quick: bool, dry: bool) -> list:
     full = [Case("B2 H32 S4096 D128 causal", 2, 32, 32, 4096, 4096, 128),
             Case("B2 H32 S4096 D128 non-causal", 2, 32, 32, 4096, 4096, 128, causal=False),
             Case("B1 H32 S16384 D128 causal", 1, 32, 32, 16384, 16384, 128),
+            Case("B1 H32 S65536 D128 causal", 1, 32, 32, 65536, 65536, 128),
             Case("B4 H16 S2048 D64 causal", 4, 16, 16, 2048, 2048, 64),
             Case("GQA B2 Hq32 Hk8 S4096 D128", 2, 32, 8, 4096, 4096, 128),
             Case("chunk B2 H32 Sq128 Sk8192 D128", 2, 32, 32, 128, 8192, 128),
             Case("packed 8 seqs T16384 H32 D128 causal", 1, 32, 32, 16384, 16384, 128,
                  lengths=PACKED_LENGTHS),
             Case("memory B1 H8 S65536 D128", 1, 8, 8, 65536, 65536, 128, memory_check=True)]
-    return [full[0], full[5], full[6]] if quick else full
+    return [full[0], full[6], full[7]] if quick else full
 
 
 def decode_cases(quick: bool, dry: bool) -> list:
@@ -117,7 +124,8 @@ def decode_cases(quick: bool, dry: bool) -> list:
         return [Case("decode B1 Sq2 Sk520 Hq2/1 D16", 1, 2, 1, 2, 520, 16)]
     full = [Case(f"decode B{b} Sq{sq} Sk{sk} Hq32/8 D128", b, 32, 8, sq, sk, 128)
             for b in (1, 16, 64) for sk in (4096, 32768) for sq in (1, 16)]
-    return [full[2], full[5]] if quick else full
+    full.append(Case("decode B1 Sq1 Sk65536 Hq32/8 D128", 1, 32, 8, 1, 65536, 128))
+    return [full[2], full[5], full[-1]] if quick else full
 
 
 def materialised_bias(slopes, case: Case, reference) -> torch.Tensor:
@@ -163,14 +171,15 @@ def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
         doc = torch.repeat_interleave(torch.arange(len(case.lengths), device=common.DEVICE),
                                       torch.tensor(case.lengths, device=common.DEVICE))
 
-    def ours():
+    def ours(skip_tol=posenc_triton.alibi_skip.DEFAULT_SKIP_TOL):
         if case.lengths:
             longest = max(case.lengths)
             return packed(lambda q, k, v: posenc_triton.alibi_attention(
                 q, k, v, slopes, is_causal=case.causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                max_seqlen_q=longest, max_seqlen_k=longest))
+                max_seqlen_q=longest, max_seqlen_k=longest, skip_tol=skip_tol))
         return lambda q, k, v: posenc_triton.alibi_attention(q, k, v, slopes,
-                                                             is_causal=case.causal)
+                                                             is_causal=case.causal,
+                                                             skip_tol=skip_tol)
 
     def flex():
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -222,8 +231,28 @@ def implementations(case: Case, slopes, posenc_triton, reference) -> dict:
 
     if case.memory_check:
         return {"ours": ours}
-    return {"ours": ours, "flex": flex, "sdpa+bias": sdpa_bias, "eager": eager,
-            "sdpa (no bias)": ceiling}
+    return {"ours": ours, "ours (skip_tol=0)": lambda: ours(0.0), "flex": flex,
+            "sdpa+bias": sdpa_bias, "eager": eager, "sdpa (no bias)": ceiling}
+
+
+def tile_fractions(case: Case, q, k, v, slopes, posenc_triton) -> dict:
+    """``{mode: tiles computed / dense}`` of ours on these inputs, from the kernels' counters
+    (``fwd+bwd``: forward, dq and dkdv together; ``decode``: the split-KV forward, and
+    ``"bytes"``: K/V bytes read / dense)."""
+    kwargs = {"is_causal": case.causal}
+    if case.lengths:
+        cu, longest = cu_seqlens(case.lengths, q.device), max(case.lengths)
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
+        kwargs.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                      max_seqlen_k=longest)
+    counts = posenc_triton.alibi_tile_counts(q, k, v, slopes, **kwargs)
+    frac = lambda names: (sum(counts[n][0] for n in names)
+                          / max(sum(counts[n][1] for n in names), 1))
+    out = {"fwd": frac(["forward"]), "fwd+bwd": frac(["forward", "dq", "dkdv"]),
+           "decode": frac(["forward"])}
+    if "bytes" in counts:
+        out["bytes"] = frac(["bytes"])
+    return out
 
 
 def runner(impl, mode: str, q, k, v, grad_out):
@@ -266,6 +295,8 @@ def run_case(report: common.Report, case: Case, posenc_triton, reference, modes=
     # Every output must match the float32 reference where its scores fit, else ours.
     # (Packed: one sequence at a time, whose scores always fit.)
     fits = bool(case.lengths) or case.batch * case.hq * case.sq * case.sk * 4 <= EAGER_LIMIT
+    fractions = {} if case.memory_check else tile_fractions(case, q, k, v, slopes,
+                                                            posenc_triton)
 
     def base(a, b, c):
         if case.lengths:
@@ -274,7 +305,7 @@ def run_case(report: common.Report, case: Case, posenc_triton, reference, modes=
                 *t, cu, cu, slopes, is_causal=case.causal))(a, b, c)
         if fits:
             return reference.alibi_attention_reference(a, b, c, slopes, is_causal=case.causal)
-        return impls["ours"](a, b, c)
+        return impls["ours (skip_tol=0)"](a, b, c)
 
     for mode in modes or case.modes:
         expected = "memory check: finite" if case.memory_check else None
@@ -289,8 +320,10 @@ def run_case(report: common.Report, case: Case, posenc_triton, reference, modes=
             check = expected
             if name == "sdpa (no bias)":
                 check = "none (no ALiBi)"
-            elif name == "ours" and not fits and not case.memory_check:
+            elif name == "ours (skip_tol=0)" and not fits:
                 check = "none (the base)"
+            if name == "ours" and mode in fractions:
+                row["tiles"] = fractions[mode]
             report.measure(row, measure, runner(impl, mode, q, k, v, grad_out), case, mode,
                            check)
 
@@ -306,6 +339,7 @@ def run_decode_case(report: common.Report, case: Case, posenc_triton, reference,
             for _ in range(2))
     slopes = posenc_triton.alibi_slopes(case.hq, device=dev)
     impls = implementations(case, slopes, posenc_triton, reference)
+    fractions = tile_fractions(case, q, k, v, slopes, posenc_triton)
 
     def sdpa():
         bias = materialised_bias(slopes, case, reference)
@@ -314,16 +348,19 @@ def run_decode_case(report: common.Report, case: Case, posenc_triton, reference,
 
     # The float32 reference repeats K/V for GQA: where that passes 8 GiB, ours is the base.
     fits = 2 * case.batch * case.hq * case.sk * case.dim * 4 <= EAGER_LIMIT
-    base = impls["ours"]() if not fits else (
+    base = impls["ours (skip_tol=0)"]() if not fits else (
         lambda *t: reference.alibi_attention_reference(*t, slopes, is_causal=case.causal))
     expected, note = common.attempt(lambda: (base(q, k, v),))
-    for name, factory in (("ours", impls["ours"]), ("flex", impls["flex"]), ("sdpa+bias", sdpa)):
+    for name in ("ours", "ours (skip_tol=0)", "flex", "sdpa+bias"):
         row = report.add(case=case.name, mode="decode", impl=name)
-        fn, why = common.attempt(factory)
+        fn, why = common.attempt(sdpa if name == "sdpa+bias" else impls[name])
         if fn is None:
             row["note"] = why
             continue
-        check = "none (the base)" if name == "ours" and not fits else note or expected
+        if name == "ours":
+            row["tiles"], row["bytes"] = fractions["decode"], fractions.get("bytes")
+        check = ("none (the base)" if name == "ours (skip_tol=0)" and not fits
+                 else note or expected)
         report.measure(row, measure_decode, fn, (q, k, v), case, check, copy_gbps)
 
 
@@ -367,7 +404,11 @@ def main(out_dir=common.RESULTS, quick: bool = False, dry: bool = False) -> comm
 def tables(report: common.Report) -> None:
     """The time, throughput and peak-memory tables of ``report``'s rows (decode apart)."""
     dense = lambda case, mode: mode != "decode"
-    report.table("Time (ms, median)", "ms", "{:.3f}", where=dense)
+    report.table("Time (ms, median)", "ms", "{:.3f}",
+                 [("ours/flex (speed)", lambda r: common.ratio(r, "flex", "ours")),
+                  ("ours/skip_tol=0 (speed)",
+                   lambda r: common.ratio(r, "ours (skip_tol=0)", "ours")),
+                  ("ours: tiles of dense", _tiles)], where=dense)
     report.table("Throughput (TFLOP/s)", "tflops", "{:.0f}",
                  [("ours/flex (speed)", lambda r: common.ratio(r, "flex", "ours")),
                   ("ours/ceiling", lambda r: common.ratio(r, "sdpa (no bias)", "ours"))],
@@ -376,14 +417,22 @@ def tables(report: common.Report) -> None:
                  where=dense)
 
 
+def _tiles(rows: dict, key: str = "tiles") -> str:
+    value = rows.get("ours", {}).get(key)
+    return "-" if value is None else f"{value:.2f}"
+
+
 def decode_tables(report: common.Report, copy_gbps: float) -> None:
     """The decode rows: time, K/V bytes read per second against the copy, host time at B=1."""
     decode = lambda case, mode: mode == "decode"
     of_copy = lambda r: f"{r['ours']['of_copy']:.2f}" if "of_copy" in r.get("ours", {}) else "-"
     report.table("Decode: time (ms, median)", "ms", "{:.4f}",
                  [("flex/ours (speed)", lambda r: common.ratio(r, "flex", "ours")),
-                  ("sdpa+bias/ours (speed)", lambda r: common.ratio(r, "sdpa+bias", "ours"))],
-                 where=decode)
+                  ("sdpa+bias/ours (speed)", lambda r: common.ratio(r, "sdpa+bias", "ours")),
+                  ("ours/skip_tol=0 (speed)",
+                   lambda r: common.ratio(r, "ours (skip_tol=0)", "ours")),
+                  ("ours: tiles of dense", _tiles),
+                  ("ours: K/V bytes of dense", lambda r: _tiles(r, "bytes"))], where=decode)
     report.table(f"Decode: K/V read (GB/s; copy {copy_gbps:.0f} GB/s read + write)", "gbps",
                  "{:.0f}", [("ours/copy", of_copy)], where=decode)
     report.table("Decode: host time per call (µs, B=1, no sync)", "host_us", "{:.1f}",

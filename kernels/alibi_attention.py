@@ -183,8 +183,9 @@ def _reach(a_norm, m, slope, seqlen_k, skip_log2):
     ``m`` (log2 units) bounds that term from below; ``a_norm`` is ``A_i``. A row without a
     bound (``m = -inf``), a slope that is not positive and non-finite inputs give ``2^30``."""
     n = seqlen_k.to(tl.float32)
-    tail = tl.minimum(tl.log2(tl.maximum(n, 1.0)), -tl.log2(1.0 - tl.math.exp2(-slope)))
-    r = (a_norm - m + tail - skip_log2) / slope
+    gap = tl.maximum(1.0 - tl.math.exp2(-slope), 1e-30)  # (slopes <= 0 are dropped below)
+    tail = tl.minimum(tl.log2(tl.maximum(n, 1.0)), -tl.log2(gap))
+    r = (a_norm - m + tail - skip_log2) / tl.maximum(slope, 1e-30)
     r = tl.where(r < 1073741824.0, tl.ceil(r), 1073741824.0)  # NaN: 2^30
     r = tl.where(slope > 0, r, 1073741824.0)
     return tl.maximum(r, 0.0).to(tl.int32)

@@ -357,3 +357,21 @@ def test_verdicts_do_not_outlive_the_forward():
     thread.start()
     thread.join()
     assert seen[0] is not _alibi_checks._verdicts()  # one table per thread
+
+
+def test_apply_passes_skip_tol(monkeypatch):
+    """``apply(model, skip_tol=...)`` reaches the kernel (tile skipping; default 2**-24), and a
+    repeated call updates it; a bad value is a ValueError before anything is patched."""
+    seen, real = [], _alibi_models.alibi_attention
+    monkeypatch.setattr(_alibi_models, "alibi_attention",
+                        lambda *a, **kw: seen.append(kw["skip_tol"]) or real(*a, **kw))
+    model = make_model(4)
+    inputs, _ = batch_inputs()
+    with pytest.raises(ValueError, match="skip_tol"):
+        hf.apply(model, skip_tol=-1.0)
+    assert hf.patched_layers(model) == {}
+    hf.apply(model)(**inputs)
+    hf.apply(model, skip_tol=0.0)(**inputs)
+    assert seen == [2.0 ** -24] * 2 + [0.0] * 2
+    hf.unpatch(model)
+    assert not hasattr(model.transformer.h[0].self_attention, _alibi_models.SKIP_TOL)
