@@ -199,18 +199,18 @@ def _row_norms(x):
 
 
 @triton.jit
-def _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _skip_bounds(below, above, a, b, c, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """``(lo, hi, top)``: of the stages :func:`_stages` gives, the key tiles ``[0, lo)`` and
-    ``[hi, c)`` are negligible for every row ``ok`` (keys ``<= pos_q - reach`` and ``>= pos_q +
-    reach``), and so are the ragged end's keys when ``top <= c``. ``lo`` and ``hi`` stay in
-    their stages (``lo <= a``, ``b <= hi <= c``)."""
-    low = tl.min(tl.where(ok, pos_q - reach, SKIP_NONE), 0) + 1
-    lo = tl.minimum(tl.maximum(low, 0) // BLOCK_N * BLOCK_N, a)
+    ``[hi, c)`` are negligible for every row, and so are the ragged end's keys when ``top <=
+    c``, where each row finds the keys ``<= below`` and ``>= above`` negligible (int32 per
+    row; ``2^30`` and ``-2^30`` for a row that does not constrain). ``lo`` and ``hi`` stay
+    in their stages (``lo <= a``, ``b <= hi <= c``)."""
+    lo = tl.minimum(tl.maximum(tl.min(below, 0) + 1, 0) // BLOCK_N * BLOCK_N, a)
     if IS_CAUSAL:
         hi = c
         top = c
     else:
-        top = tl.max(tl.where(ok, pos_q + reach, -SKIP_NONE), 0)
+        top = tl.max(above, 0)
         hi = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(top, 0), BLOCK_N) * BLOCK_N, b), c)
     return lo, hi, top
 
@@ -409,7 +409,9 @@ def alibi_fwd_kernel(Q, K, V, O, LSE, SLOPES, KPM, CU_Q, CU_K, SEED, KMAX, COUNT
         if IS_CAUSAL:
             ok = ok & (pos_q >= 0)  # rows that see no key
         reach = _reach(a_norm, m_i, slope, seqlen_k, skip_log2 - (0.0 if IS_CAUSAL else 1.0))
-        lo, hi, top = _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N, IS_CAUSAL)
+        lo, hi, top = _skip_bounds(tl.where(ok, pos_q - reach, SKIP_NONE),
+                                   tl.where(ok, pos_q + reach, -SKIP_NONE), a, b, c, BLOCK_N,
+                                   IS_CAUSAL)
     if lo < a:
         acc, l_i, m_i, _, _, _ = _alibi_attn_fwd_inner(
             acc, l_i, m_i, _at(K, lo, stride_kn), _at(V, lo, stride_vn),

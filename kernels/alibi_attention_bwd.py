@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .alibi_attention import (
     LOG2E,
+    SKIP_NONE,
     _at,
     _count_stages,
     _dot,
@@ -52,11 +53,13 @@ def alibi_bwd_preprocess_kernel(O, DO, DELTA, LSE, LSE_BIAS, SLOPES, CU_Q, CU_K,
     (``slope * BIAS_PERIOD`` at most) and exact where the weights matter: the ``dkdv`` kernel
     puts the rest of the distance, ``i - i mod BIAS_PERIOD``, in its per-key row term.
 
-    ``SKIP``: ``LIM`` (int32, laid out as ``LSE_BIAS``) receives each row's negligible keys for
-    the ``dkdv`` kernel, in packed key coordinates (``k0 +``): ``LIM[0]``, keys ``<=`` it
-    (``pos - reach``, at least ``-1``), and symmetric ``LIM[1]``, keys ``>=`` it (``pos +
-    reach``, at most ``Sk``); a row that sees no key finds every key negligible
-    (:func:`posenc_triton.alibi_skip.dkdv_query_bounds` then scans them)."""
+    ``SKIP``: ``LIM`` (int32, laid out as ``LSE_BIAS``) receives each row's negligible keys
+    for both backward kernels, the bound from the exact ``lse`` and ``skip_log2`` (which the
+    launcher lowers for the slope gradient), in packed key coordinates (``k0 +``): ``LIM[0]``,
+    keys ``<=`` it (``pos - reach``, at least ``-1``), and symmetric ``LIM[1]``, keys ``>=``
+    it (``pos + reach``, at most ``Sk``); a row that sees no key finds every key negligible.
+    The ``dq`` kernel reads them per row, the ``dkdv`` kernel per key through
+    :func:`posenc_triton.alibi_skip.dkdv_query_bounds`."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -424,14 +427,14 @@ def _alibi_attn_bwd_dq_inner(dq, p_dist_dp, p_dist, p_dp, K, V, KPM, K_DESC, V_D
 
 @triton.jit
 def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SEED, DSLOPE,
-                       KMAX, COUNTS, K_DESC, V_DESC, sm_scale, dropout_p, skip_log2,
+                       LIM, COUNTS, K_DESC, V_DESC, sm_scale, dropout_p,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        stride_lb, stride_lh, stride_sb, stride_mb, stride_mn,
-                       stride_dsb, stride_dsh, stride_xb,
+                       stride_dsb, stride_dsh, stride_cs,
                        group, seqlen_q, seqlen_k, pos_offset,
                        SQ_BUCKET, SK_BUCKET,  # autotune key only
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -445,9 +448,10 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
     this program's partial slope gradient ``DSLOPE[b, h, program_id(0)]``. ``USE_TMA`` (dense,
     no key mask): ``K_DESC``/``V_DESC`` as the forward's. ``PARTIAL_ROWS``: the keys are part
     of each row's (a context-parallel chunk pair), so the slope gradient's ``delta_i`` is
-    ``DELTA``, the whole row's, not this call's ``rowsum(p * dp)``. ``SKIP``, ``COUNT``,
-    ``KMAX``: as the forward's, the exact log-sum-exp the bound (with the slope gradient, the
-    skipped mass is bounded times ``Sk``, the largest distance that weighs it)."""
+    ``DELTA``, the whole row's, not this call's ``rowsum(p * dp)``. ``SKIP``: the key tiles
+    every row of the program finds negligible by the preprocess's ``LIM`` (the bound from
+    the exact log-sum-exp, shared with the ``dkdv`` kernel) are skipped. ``COUNT`` as the
+    forward's."""
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -496,14 +500,14 @@ def alibi_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, KPM, CU_Q, CU_K, SE
     tma_b, tma_h = tl.program_id(2), tl.program_id(1) // group  # TMA coordinates are int32
     a, b, c = _stages(start_m, BLOCK_M, BLOCK_N, shift, seqlen_k, BLOCK_N, IS_CAUSAL, False)
     lo, hi, top = 0, c, seqlen_k
-    if SKIP:  # the exact log-sum-exp bounds every term
-        ok = lse2 < float("inf")  # rows past Sq or without a key do not constrain
-        a_norm = qk_scale * _row_norms(q) * tl.load(KMAX + off_b * stride_xb + off_kvh)
-        side_log2 = skip_log2 - (0.0 if IS_CAUSAL else 1.0)
-        if HAS_SLOPE_GRAD:  # the slope gradient weighs each skipped term by its distance
-            side_log2 -= tl.log2(tl.maximum(seqlen_k.to(tl.float32), 1.0))
-        reach = _reach(a_norm, lse2, slope, seqlen_k, side_log2)
-        lo, hi, top = _skip_bounds(pos_q, reach, ok, a, b, c, BLOCK_N, IS_CAUSAL)
+    if SKIP:  # each row's negligible keys, from the preprocess (rows past Sq: none)
+        lims = LIM + off_b * stride_lb + off_h * stride_lh + q0 + offs_m
+        below = (tl.load(lims, mask=m_mask, other=SKIP_NONE) - k0).to(tl.int32)
+        above = 0
+        if not IS_CAUSAL:
+            above = tl.load(lims + stride_cs, mask=m_mask, other=-SKIP_NONE)
+            above = (above - k0).to(tl.int32)
+        lo, hi, top = _skip_bounds(below, above, a, b, c, BLOCK_N, IS_CAUSAL)
     # the forward's stages, each under `if`
     if lo < a:
         dq, p_dist_dp, p_dist, p_dp, _, _, _ = _alibi_attn_bwd_dq_inner(

@@ -45,6 +45,11 @@ SPILLS = {
         "sm80+key_mask": [(64, 64, 4, 3)],  # the key mask's loads on mma.sync
         "triton38+dropout": [(64, 64, 4, 3)],  # Triton 3.8's allocator
         "triton38+symmetric+slope_grad": [(64, 64, 4, 3)],  # Triton 3.8's allocator
+        "skip+symmetric+slope_grad": [(64, 64, 4, 3)],  # the skip bounds and the row sums
+        # Triton 3.8's allocator with the skip bounds
+        "triton38+skip+symmetric": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+        "triton38+skip+dropout": [(128, 64, 8, 3)],
+        "triton38+skip+slope_grad": [(128, 64, 8, 3), (64, 64, 4, 3)],
     },
     "dkdv": {
         "gqa": [(32, 64, 4, 3)],  # the loop over a KV head's query heads: scalars

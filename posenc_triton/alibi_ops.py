@@ -14,6 +14,7 @@ installed.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -178,6 +179,8 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
     # (without query rows the preprocess writes no bounds, and dkdv has no row to skip)
     skip = skip_tol > 0 and pos_offset == 0 and not partial_rows and dq.numel() > 0
     log2_tol = alibi_skip.skip_log2(skip_tol) if skip else 0.0
+    if skip and slopes_grad:  # the slope gradient weighs each skipped term by its distance
+        log2_tol -= math.log2(max(max_seqlen_k if varlen else seqlen_k, 2))
     kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k) if skip
             else slopes.new_zeros((1, 1)))
     # the preprocess's per-row negligible keys, laid out as lse_bias, then per-key row bounds
@@ -214,9 +217,9 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
             grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
             alibi_launch.launchable(dq_kernel, wrap)[grid](
                 q, k, v, grad_out, dq, lse, delta, slopes, mask, cu_q, cu_k, seed,
-                dslope_parts, kmax, dq_counts, *kv_descs, scale, dropout_p, log2_tol,
+                dslope_parts, lim, dq_counts, *kv_descs, scale, dropout_p,
                 *alibi_launch.strides(q, k, v, grad_out, dq, varlen=varlen), *common[:5],
-                *dslope_parts.stride()[:2], kmax.stride(0), *common[5:],
+                *dslope_parts.stride()[:2], lse.numel(), *common[5:],
                 HAS_SLOPE_GRAD=slopes_grad, PARTIAL_ROWS=partial_rows, SKIP=skip, COUNT=count,
                 **{**meta, "USE_TMA": dq_tma})
         if dk.numel() > 0 and seqlen_k > 0:

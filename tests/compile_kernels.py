@@ -30,9 +30,12 @@ ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "
 ATTN_TYPES = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16"),
               "LSE": "*fp32", "LSE_BIAS": "*fp32", "DELTA": "*fp32", "SLOPES": "*fp32",
               "KPM": "*u8", "CU_Q": "*i32", "CU_K": "*i32", "sm_scale": "fp32", "SEED": "*i64",
-              "DSLOPE": "*fp32", "dropout_p": "fp32"}
-# the dkdv kernel's period of the preprocess's query terms (ignored by the other kernels)
-BWD = {"BIAS_PERIOD": alibi_configs.bias_period(), "PARTIAL_ROWS": False}
+              "DSLOPE": "*fp32", "dropout_p": "fp32", "KMAX": "*fp32", "COUNTS": "*i32",
+              "LIM": "*i32", "BOUNDS": "*i32", "skip_log2": "fp32"}
+# the dkdv kernel's period of the preprocess's query terms (ignored by the other kernels);
+# tile skipping on (the default), its counters off (alibi_tile_counts turns them on)
+BWD = {"BIAS_PERIOD": alibi_configs.bias_period(), "PARTIAL_ROWS": False, "SKIP": True,
+       "COUNT": False}
 # the pointer path (bench/audit.py compiles the TMA one with real descriptors)
 POINTERS = {"K_DESC": None, "V_DESC": None, "Q_DESC": None, "DO_DESC": None, "USE_TMA": False}
 ATTN_TYPES_FP32 = {**ATTN_TYPES, **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"),
@@ -103,7 +106,7 @@ def cases():
             meta = {"HEAD_DIM": 128, "BLOCK_D": 128, "IS_CAUSAL": True, "HAS_KEY_MASK": False,
                     "IS_VARLEN": False, "HAS_DROPOUT": dropout, "HAS_SLOPE_GRAD": slope_grad,
                     "INPUT_PRECISION": None, "INTERPRETER": False, **POINTERS, **BWD,
-                    "PARTIAL_ROWS": partial}
+                    "PARTIAL_ROWS": partial, "COUNT": True}
             config = alibi_configs.config(*configs[0])
             yield (f"alibi {name} D=128 dropout={dropout} slope_grad={slope_grad} "
                    f"partial_rows={partial} {tuple(config.kwargs.values())}", kernel, ATTN_TYPES,
@@ -136,7 +139,7 @@ def decode_cases():
         meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": True,
                 "HAS_KEY_MASK": masked, "HAS_SEQLENS": masked, "IS_VARLEN": varlen,
                 "INPUT_PRECISION": "ieee" if fp32 else None, "INTERPRETER": False,
-                **tiles, **extra}
+                "SKIP": True, "COUNT": masked, **tiles, **extra}
         yield (f"alibi decode split D={head_dim} rows={rows} mask+seqlens={masked} "
                f"varlen={varlen} fp32={fp32} {tuple(tiles.values())}",
                alibi_decode.alibi_decode_split_kernel, ATTN_TYPES_FP32 | types if fp32 else types,

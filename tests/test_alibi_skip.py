@@ -278,3 +278,17 @@ def test_skip_tol_reach_is_tail_bound():
     reach = math.ceil((a_minus_m + tail - log2_tol) / m)
     mass = sum(2 ** (a_minus_m - m * d) for d in range(reach, reach + 4096))
     assert mass <= 2 ** log2_tol <= tol / 2
+
+
+def test_fraction_replica_matches_the_kernel(monkeypatch):
+    """bench/skip_fractions.py predicts the long-context fractions with a PyTorch replica of
+    the forward's rule: it must give the kernel's own count where the interpreter runs it."""
+    from posenc_triton.bench import skip_fractions
+
+    set_interpreter_tile(monkeypatch, 32, 16)
+    torch.manual_seed(10)
+    q, k, v = _qkv(1, 4, 4, 640, 640, 32, torch.float16)
+    slopes = alibi_slopes(4, DEVICE)
+    got = tile_counts(q, k, v, slopes)["forward"]
+    assert got[0] < got[1]
+    assert skip_fractions.forward_tiles(q[0], k[0], slopes, 32, 16) == got
