@@ -10,9 +10,10 @@ become constants, multiples of 16 and 16-byte aligned pointers get the divisibil
 enables multi-buffering). Triton's bundled ``ptxas -v`` and ``nvdisasm`` then give, per config:
 registers, spill bytes, shared memory, ``wgmma`` (HGMMA) vs ``mma.sync`` (HMMA), serialised
 ``wgmma`` (ptxas warning C7515), TMA loads (UTMALDG), and the main loop's FP ALU instructions
-per score. Main loop = the SASS loop holding the tensor-core ops (the shortest when several
-do); FP ALU = FFMA + FMUL + FADD + FMNMX; per score = per element of the ``BLOCK_M x BLOCK_N``
-score tile one thread holds (``BLOCK_M * BLOCK_N / (32 * num_warps)``).
+per score. Main loop = the SASS loop holding the tensor-core ops (with the fewest FP ALU
+instructions, then the shortest, when several do); FP ALU = FFMA + FMUL + FADD + FMNMX; per
+score = per element of the ``BLOCK_M x BLOCK_N`` score tile one thread holds
+(``BLOCK_M * BLOCK_N / (32 * num_warps)``).
 
 A forward and backward loop in the style of Triton's fused-attention tutorial
 (``python/tutorials/06-fused-attention.py``, no bias) is compiled the same way for comparison.
@@ -268,7 +269,9 @@ _TARGET = re.compile(r"`\(?(\.L_x_\d+)\)?")
 
 
 def main_loop(sass: str, tensor_op: str) -> list:
-    """Opcodes of the shortest SASS loop (backward branch) holding ``tensor_op``."""
+    """Opcodes of the SASS loop (backward branch) holding ``tensor_op`` with the fewest FP
+    ALU instructions, the shortest of those: an unmasked stage's, which runs most tiles (the
+    masked band's loop may be shorter where the unmasked loop's bounds are not uniform)."""
     ops, labels, branches = [], {}, []
     for line in sass.splitlines():
         label = _LABEL.match(line)
@@ -285,7 +288,8 @@ def main_loop(sass: str, tensor_op: str) -> list:
             ops.append(opcode)
     loops = [ops[labels[t]:at + 1] for at, t in branches if t in labels and labels[t] <= at]
     loops = [loop for loop in loops if any(op.startswith(tensor_op) for op in loop)]
-    return min(loops, key=len) if loops else []
+    fp = lambda loop: sum(op.split(".")[0] in FP_ALU for op in loop)
+    return min(loops, key=lambda loop: (fp(loop), len(loop))) if loops else []
 
 
 def analyse(compiled, arch: int, report: Report, block_m: int, block_n: int,
