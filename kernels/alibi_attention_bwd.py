@@ -15,21 +15,16 @@ import triton.language as tl
 
 from .alibi_attention import (
     LOG2E,
-    SKIP_NONE,
     _at,
-    _count_stages,
     _dot,
     _load_keep,
     _mma,
     _narrow,
-    _reach,
-    _row_norms,
     _sequence,
-    _skip_bounds,
     _stages,
-    _store_counts,
     _tma_rows,
 )
+from .alibi_skip import SKIP_NONE, _count_stages, _reach, _row_norms, _skip_bounds, _store_counts
 from .dropout import _dropout_keep
 
 

@@ -25,7 +25,8 @@ the output rows: ``(b, h, row)`` with ``row`` the packed index when varlen.
 import triton
 import triton.language as tl
 
-from .alibi_attention import LOG2E, SKIP_NONE, _dot, _narrow, _reach, _row_norms, _store_counts
+from .alibi_attention import LOG2E, _dot, _narrow
+from .alibi_skip import SKIP_NONE, _reach, _row_norms, _store_counts
 
 
 @triton.jit

@@ -256,8 +256,8 @@ def _reference_reason(q: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def _checked(q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu_seqlens_q,
-             cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, dropout_p, skip_tol):
+def resolve_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu_seqlens_q,
+                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, dropout_p, skip_tol):
     """:func:`alibi_attention`'s arguments checked: ``(slopes, scale, layout, max_seqlen_q,
     max_seqlen_k, dropout_p, skip_tol)`` with the defaults filled in (packed input: layout
     ``"bshd"``, the bounds read or checked; dense: bounds 0)."""
@@ -357,8 +357,9 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chosen by shape (:func:`posenc_triton.alibi_decode.use_split`), with the same results;
     calls with dropout run the dense kernel.
     """
-    args = _checked(q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu_seqlens_q,
-                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, dropout_p, skip_tol)
+    args = resolve_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask,
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens,
+                        dropout_p, skip_tol)
     slopes, scale, layout, max_seqlen_q, max_seqlen_k, dropout_p, skip_tol = args
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if not _backend.use_triton(q) or q.dtype == torch.float64:

@@ -34,9 +34,10 @@ def alibi_tile_counts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     slopes_grad = isinstance(slopes, torch.Tensor) and slopes.requires_grad
     with torch.no_grad():
-        slopes, scale, layout, max_seqlen_q, max_seqlen_k, dropout_p, skip_tol = alibi._checked(
-            q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu_seqlens_q,
-            cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, dropout_p, skip_tol)
+        args = alibi.resolve_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask,
+                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  cache_seqlens, dropout_p, skip_tol)
+        slopes, scale, layout, max_seqlen_q, max_seqlen_k, dropout_p, skip_tol = args
         if not _backend.use_triton(q) or q.dtype == torch.float64:
             raise ValueError(f"alibi_tile_counts reads the Triton kernels' counters: q must be "
                              f"fp16, bf16 or fp32 on CUDA (or on CPU with TRITON_INTERPRET=1 "
