@@ -193,13 +193,14 @@ def test_loosened_bound_fails(monkeypatch, sq):
 
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_adversarial_inputs(is_causal):
-    """Equal keys, slopes of 0 beside slopes of 1, queries of zero norm, a batch row whose
-    keys are all padded (its rows see none): all exact, forward and backward."""
+    """Equal keys, slopes of 0 and a negative one beside slopes of 1, queries of zero norm, a
+    batch row whose keys are all padded (its rows see none): all exact, forward and
+    backward."""
     torch.manual_seed(7)
     q, k, v = _qkv(2, 4, 4, 180, 180, 24, torch.float16)
     k[:, 1] = k[:, 1, :1]  # every key of head 1 equal
     q[:, 2, ::3] = 0.0  # every third query of head 2 zero
-    slopes = torch.tensor([1.0, 0.0, 1.0, 0.0], device=DEVICE)
+    slopes = torch.tensor([1.0, 0.0, 1.0, -0.02], device=DEVICE)
     mask = torch.ones(2, 180, dtype=torch.bool, device=DEVICE)
     mask[1] = False
     _skipped(tile_counts(q, k, v, slopes, is_causal=is_causal), "forward", "dq", "dkdv")
