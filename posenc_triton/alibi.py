@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from posenc_triton import _backend, _checks, alibi_ops
-from posenc_triton.alibi_decode import call_alibi_kvcache
+from posenc_triton.alibi_decode import call_alibi_kvcache, check_cache_seqlens
 from posenc_triton.alibi_skip import DEFAULT_SKIP_TOL, check_skip_tol
 from posenc_triton.reference import (
     alibi_attention_kvcache_reference,
@@ -214,35 +214,6 @@ def _cu_seqlens_stats(cu: torch.Tensor) -> torch.Tensor:
     return torch.stack([cu[0], cu[-1], steps.min(), steps.max()])
 
 
-def _check_cache_seqlens(q, k, v, cache_seqlens, layout) -> None:
-    """Validate ``cache_seqlens`` (dense input): int32/int64 ``[B]`` on q's device, values in
-    ``0..Sk`` (one sync, skipped where a sync is not allowed), and no gradient asked for."""
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, "
-                        f"got {type(cache_seqlens).__name__}")
-    batch, seqlen_k = q.shape[0], k.shape[2 if layout == "bhsd" else 1]
-    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (
-            batch,):
-        raise ValueError(f"cache_seqlens must be a 1-D int32/int64 tensor [B] = [{batch}] of "
-                         f"valid key lengths, got {cache_seqlens.dtype} "
-                         f"{tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    rows = q.shape[1 if layout == "bhsd" else 2] * q.shape[2 if layout == "bhsd" else 1]
-    if rows >= 2 ** 31:  # the split kernel indexes a KV head's query rows in int32
-        raise ValueError(f"with cache_seqlens, q's heads x query length must be below 2^31, "
-                         f"got {rows}; split the query into chunks")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ValueError("cache_seqlens is for inference (forward only, like flash-attn's "
-                         "flash_attn_with_kvcache) but q, k or v requires grad: run under "
-                         "torch.no_grad(), or train with key_padding_mask or cu_seqlens")
-    if batch and _backend.host_read_allowed(q):
-        shortest, longest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
-        if shortest < 0 or longest > seqlen_k:
-            raise ValueError(f"cache_seqlens must lie in 0..{seqlen_k} (Sk, the cache's length), "
-                             f"got values from {shortest} to {longest}")
-
-
 def _reference_reason(q: torch.Tensor) -> str:
     why = ("float64 inputs run the PyTorch reference (use fp16, bf16 or fp32 for the kernel)"
            if q.dtype == torch.float64 else
@@ -288,7 +259,7 @@ def resolve_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask, cu
         scale = check_args(q, k, v, slopes, is_causal, scale, layout, key_padding_mask)
         max_seqlen_q = max_seqlen_k = 0
         if cache_seqlens is not None:
-            _check_cache_seqlens(q, k, v, cache_seqlens, layout)
+            check_cache_seqlens(q, k, v, cache_seqlens, layout)
     if slopes is None:
         slopes = _default_slopes(q.shape[-2 if varlen else 1 if layout == "bhsd" else 2],
                                  q.device)

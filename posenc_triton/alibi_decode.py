@@ -181,6 +181,35 @@ def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seql
 # ------------------------------------------------------------------------------------------
 
 
+def check_cache_seqlens(q, k, v, cache_seqlens, layout) -> None:
+    """Validate ``cache_seqlens`` (dense input): int32/int64 ``[B]`` on q's device, values in
+    ``0..Sk`` (one sync, skipped where a sync is not allowed), and no gradient asked for."""
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, "
+                        f"got {type(cache_seqlens).__name__}")
+    batch, seqlen_k = q.shape[0], k.shape[2 if layout == "bhsd" else 1]
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (
+            batch,):
+        raise ValueError(f"cache_seqlens must be a 1-D int32/int64 tensor [B] = [{batch}] of "
+                         f"valid key lengths, got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    rows = q.shape[1 if layout == "bhsd" else 2] * q.shape[2 if layout == "bhsd" else 1]
+    if rows >= 2 ** 31:  # the split kernel indexes a KV head's query rows in int32
+        raise ValueError(f"with cache_seqlens, q's heads x query length must be below 2^31, "
+                         f"got {rows}; split the query into chunks")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("cache_seqlens is for inference (forward only, like flash-attn's "
+                         "flash_attn_with_kvcache) but q, k or v requires grad: run under "
+                         "torch.no_grad(), or train with key_padding_mask or cu_seqlens")
+    if batch and _backend.host_read_allowed(q):
+        shortest, longest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
+        if shortest < 0 or longest > seqlen_k:
+            raise ValueError(f"cache_seqlens must lie in 0..{seqlen_k} (Sk, the cache's length), "
+                             f"got values from {shortest} to {longest}")
+
+
 def _launch_kvcache(q, k, v, slopes, key_padding_mask, cache_seqlens, is_causal, scale,
                      layout, skip_tol, wrap=False):
     return launch_alibi_decode(q, k, v, slopes, key_padding_mask, None, None, 0, 0, is_causal,
