@@ -147,11 +147,11 @@ def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seql
     mask, stride_mb, stride_mn = alibi_launch.key_mask_args(key_padding_mask, slopes)
     seqlens = slopes if cache_seqlens is None else cache_seqlens  # never read when None
     skip = skip_tol > 0
-    kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k, cache_seqlens) if skip
-            else slopes.new_zeros((1, 1)))
+    kmax, stride_xb = alibi_skip.key_norm_args(skip, slopes, k, key_padding_mask, cu_seqlens_k,
+                                               cache_seqlens)
     grid = (m_blocks * num_splits, num_kv_heads, batch)
-    buffer = alibi_skip.count_buffer(grid[0] * grid[1] * grid[2] if counts is not None else 0,
-                                     q.device)
+    buffer = slopes if counts is None else alibi_skip.count_buffer(  # (stand-in: unread)
+        grid[0] * grid[1] * grid[2], q.device)
     with _backend.device_guard(q):
         split = alibi_launch.launchable(kern.alibi_decode_split_kernel, wrap)
         split[grid](
@@ -159,7 +159,7 @@ def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seql
             *alibi_launch.cu_seqlens_args(cu_seqlens_q, cu_seqlens_k, slopes), seqlens, kmax,
             buffer, scale, alibi_skip.skip_log2(skip_tol) if skip else 0.0,
             *alibi_launch.strides(q, k, v, varlen=varlen), *part_strides,
-            alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn, kmax.stride(0),
+            alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn, stride_xb,
             group, seqlen_q, seqlen_k, num_splits, split_size, SKIP=skip,
             COUNT=counts is not None, **meta, **blocks)
         merge_grid = (_backend.cdiv(rows_q, _MERGE_BLOCK_M), num_heads, q.shape[0])

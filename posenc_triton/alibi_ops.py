@@ -105,11 +105,11 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
         fwd = alibi_configs.dense_kernels(_backend.interpreting(), meta["USE_TMA"] > 0)[0]
         grid = lambda m: (_backend.cdiv(seqlen_q, m["BLOCK_M"]), num_heads, batch)
         mask, stride_mb, stride_mn = alibi_launch.key_mask_args(key_padding_mask, slopes)
-        kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k) if skip
-                else slopes.new_zeros((1, 1)))
-        buffer = alibi_skip.count_buffer(
-            _backend.cdiv(seqlen_q, alibi_configs.min_block_m("fwd")) * num_heads * batch
-            if counts is not None else 0, q.device)
+        kmax, stride_xb = alibi_skip.key_norm_args(skip, slopes, k, key_padding_mask,
+                                                   cu_seqlens_k)
+        buffer = slopes if counts is None else alibi_skip.count_buffer(  # (stand-in: unread)
+            _backend.cdiv(seqlen_q, alibi_configs.min_block_m("fwd")) * num_heads * batch,
+            q.device)
         with _backend.device_guard(q):
             alibi_launch.launchable(fwd, wrap)[grid](
                 q, k, v, out, lse, slopes, mask,
@@ -118,7 +118,7 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
                 alibi_skip.skip_log2(skip_tol) if skip else 0.0,
                 *alibi_launch.strides(q, k, v, out, varlen=varlen),
                 *alibi_launch.lse_strides(lse, varlen),
-                alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn, kmax.stride(0),
+                alibi_launch.slope_batch_stride(slopes), stride_mb, stride_mn, stride_xb,
                 num_heads // num_kv_heads, seqlen_q, seqlen_k, pos_offset,
                 _backend.next_power_of_2(seqlen_q), _backend.next_power_of_2(seqlen_k),
                 SKIP=skip, COUNT=counts is not None, **meta)
@@ -181,18 +181,19 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
     log2_tol = alibi_skip.skip_log2(skip_tol) if skip else 0.0
     if skip and slopes_grad:  # the slope gradient weighs each skipped term by its distance
         log2_tol -= math.log2(max(max_seqlen_k if varlen else seqlen_k, 2))
-    kmax = (alibi_skip.key_norm_max(k, key_padding_mask, cu_seqlens_k) if skip
-            else slopes.new_zeros((1, 1)))
+    kmax, stride_xb = alibi_skip.key_norm_args(skip, slopes, k, key_padding_mask, cu_seqlens_k)
     # the preprocess's per-row negligible keys, laid out as lse_bias, then per-key row bounds
-    lim = torch.empty(lse_bias.shape if skip else 0, dtype=torch.int32, device=q.device)
+    # (without skipping or counting, never-read stand-ins)
+    lim = torch.empty(lse_bias.shape, dtype=torch.int32, device=q.device) if skip else slopes
     bounds = lim
     count = counts is not None
-    dq_counts = alibi_skip.count_buffer(
-        _backend.cdiv(seqlen_q, alibi_configs.min_block_m()) * num_heads * batch if count else 0,
-        q.device)
-    dkdv_counts = alibi_skip.count_buffer(
-        _backend.cdiv(seqlen_k, alibi_configs.min_block_n()) * num_kv_heads * batch
-        if count else 0, q.device)
+    dq_counts = dkdv_counts = slopes
+    if count:
+        dq_counts = alibi_skip.count_buffer(
+            _backend.cdiv(seqlen_q, alibi_configs.min_block_m()) * num_heads * batch, q.device)
+        dkdv_counts = alibi_skip.count_buffer(
+            _backend.cdiv(seqlen_k, alibi_configs.min_block_n()) * num_kv_heads * batch,
+            q.device)
     with _backend.device_guard(q):
         if varlen:
             seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
@@ -203,7 +204,7 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
                 out, grad_out, delta, lse, lse_bias, slopes, cu_q, cu_k, q, kmax, lim, scale,
                 log2_tol, *alibi_launch.strides(out, grad_out, q, varlen=varlen),
                 *alibi_launch.lse_strides(lse, varlen),
-                alibi_launch.slope_batch_stride(slopes), lse.numel(), kmax.stride(0),
+                alibi_launch.slope_batch_stride(slopes), lse.numel(), stride_xb,
                 num_heads // num_kv_heads, seqlen_q, seqlen_k,
                 HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block_m,
                 BIAS_PERIOD=bias_period, IS_CAUSAL=is_causal, IS_VARLEN=varlen, SKIP=skip)

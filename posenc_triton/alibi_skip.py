@@ -63,6 +63,18 @@ def key_norm_max(k: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = Non
     return out.scatter_reduce_(0, seq[:, None].expand(-1, k.shape[1]), norms[0].t(), "amax")
 
 
+def key_norm_args(skip: bool, standin: torch.Tensor, k: torch.Tensor,
+                  key_padding_mask: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None,
+                  cache_seqlens: Optional[torch.Tensor] = None) -> tuple:
+    """``(KMAX, stride_xb)`` for the kernels: :func:`key_norm_max` and its batch stride, or
+    a never-read stand-in (``SKIP`` off) and 0."""
+    if not skip:
+        return standin, 0
+    kmax = key_norm_max(k, key_padding_mask, cu_seqlens_k, cache_seqlens)
+    return kmax, kmax.stride(0)
+
+
 def dkdv_query_bounds(lim: torch.Tensor, num_keys: int, is_causal: bool) -> torch.Tensor:
     """int32 ``[1 or 2, B, Hq, num_keys]`` from the preprocess's per-row limits ``lim`` (int32
     ``[1 or 2, B, Hq, Sq]``, rows packed when varlen, keys in packed coordinates).
