@@ -147,6 +147,27 @@ def test_dropin_errors():
         _rope_dropins.fused_apply_rotary_pos_emb_single("x", cos, cos)
 
 
+@pytest.mark.parametrize("unsqueeze_dim", [0, 1, -3, -2])
+def test_unbatched_tables_match_pixtral(unsqueeze_dim):
+    """Pixtral rotates by ``cos/sin [S, D]``: ``unsqueeze(0)`` broadcasts them over q/k
+    ``[B, H, S, D]``, ``unsqueeze(1)`` over ``[B, S, H, D]``; the drop-in reads them the same."""
+    from transformers.models.pixtral import modeling_pixtral
+
+    pixtral = _rope_patch.original(modeling_pixtral, "apply_rotary_pos_emb")
+    gen = torch.Generator().manual_seed(3)
+    bhsd = unsqueeze_dim in (0, -3)
+    shape = (2, 3, 7, 16) if bhsd else (2, 7, 3, 16)
+    q, k = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(2))
+    angles = torch.randn(7, 8, generator=gen).to(DEVICE)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    want = pixtral(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    got = _rope_dropins.fused_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"unbatched cos/sin \[S, R\] need unsqueeze_dim 0"):
+        _rope_dropins.fused_rotary_pos_emb(q, k, cos, sin, 2)
+
+
 def test_token_rows_cache_filled_under_inference_mode_serves_training():
     # q/k that cannot merge [B, S] (a slice of a longer sequence) take the cached token-row
     # positions; filled while serving, the cache must hold no inference tensor.

@@ -57,8 +57,8 @@ def _check(q, k, cos, sin, unsqueeze_dim, rot: int) -> bool:
         raise ValueError(f"q must be 4-D [B, H, S, D] (unsqueeze_dim=1) or [B, S, H, D] "
                          f"(unsqueeze_dim=2), got shape {tuple(q.shape)}")
     if cos.dim() != 3 or tuple(sin.shape) != tuple(cos.shape):
-        raise ValueError(f"cos and sin must both be [B or 1, S, R], got cos {tuple(cos.shape)} "
-                         f"and sin {tuple(sin.shape)}")
+        raise ValueError(f"cos and sin must both be [B or 1, S, R] (or [S, R]), got cos "
+                         f"{tuple(cos.shape)} and sin {tuple(sin.shape)}")
     ud = unsqueeze_dim
     if isinstance(ud, int) and not isinstance(ud, bool) and ud < 0:
         ud += 4  # cos.unsqueeze(-3) / (-2) of a 3-D cos are dims 1 / 2
@@ -79,6 +79,19 @@ def _check(q, k, cos, sin, unsqueeze_dim, rot: int) -> bool:
         raise ValueError(f"cos/sin give rotary width R={rot}; expected an even 0 < R <= head "
                          f"dim {dim}")
     return ud == 1
+
+
+def _batched(cos, sin, unsqueeze_dim):
+    """Unbatched tables ``[S, R]`` (Pixtral's, broadcast by ``unsqueeze(0)`` over
+    ``[B, H, S, D]`` or ``unsqueeze(1)`` over ``[B, S, H, D]``) as ``[1, S, R]`` with the
+    ``unsqueeze_dim`` that broadcasts them the same way; anything else unchanged."""
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)
+            and cos.dim() == 2 and sin.dim() == 2):
+        return cos, sin, unsqueeze_dim
+    if isinstance(unsqueeze_dim, bool) or unsqueeze_dim not in (0, 1, -3, -2):
+        raise ValueError(f"unbatched cos/sin [S, R] need unsqueeze_dim 0 (q/k [B, H, S, D]) or "
+                         f"1 (q/k [B, S, H, D]), got {unsqueeze_dim!r}")
+    return cos[None], sin[None], 1 if unsqueeze_dim in (0, -3) else 2
 
 
 # Token-row indices ``arange(B*S).view(B, S)``, cached per (B, S, device) for the rare calls
@@ -166,6 +179,7 @@ def _rotate_q_k(q, k, cos, sin, unsqueeze_dim=1, *, table: str, interleaved: boo
     ``cat(f, f)``; ``"pairs"``: ``repeat_interleave(f, 2)``; ``"direct"``: ``f``, R/2 wide);
     ``keep_dtype``: the result has q's/k's dtype (fp32 math cast back) instead of their
     promotion with cos/sin."""
+    cos, sin, unsqueeze_dim = _batched(cos, sin, unsqueeze_dim)
     width = cos.shape[-1] if isinstance(cos, torch.Tensor) else 0
     rot = 2 * width if table == "direct" else width
     bhsd = _check(q, k, cos, sin, unsqueeze_dim, rot)
