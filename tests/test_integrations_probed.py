@@ -3,7 +3,8 @@
 computes the same (the families of issue 21's list among them: DeepSeek-V2's complex
 ``freqs_cis`` on ``[B, H, S, D]``, OLMo-3, Qwen3-Next, ERNIE-4.5-MoE). Each is built tiny and
 checked as in ``test_integrations_coverage``: logits with right padding, gradients, a kernel
-launch in every rotating layer, and the kind the probe chose.
+launch in every rotating layer, greedy ``generate()`` with the KV cache, and the kind the probe
+chose.
 """
 
 import warnings
@@ -14,7 +15,7 @@ from conftest import count_calls_of
 
 transformers = pytest.importorskip("transformers")
 
-from test_integrations_coverage import build, check  # noqa: E402
+from test_integrations_coverage import build, check, check_generate  # noqa: E402
 
 from posenc_triton.integrations import _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
@@ -53,6 +54,9 @@ def test_probed_type(model_type, monkeypatch):
     kinds = {k for v in hf.patched_layers(model).values() for k in v}
     hf.unpatch(model)
     assert kinds == PROBED[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_generate(model_type, calls)
 
 
 def test_a_function_no_kind_computes_is_refused(monkeypatch):
