@@ -15,7 +15,8 @@ from conftest import count_calls_of
 
 transformers = pytest.importorskip("transformers")
 
-from test_integrations_coverage import build, check, check_generate  # noqa: E402
+from test_integrations_coverage import check, check_generate  # noqa: E402
+from tiny_models import build  # noqa: E402
 
 from posenc_triton.integrations import _rope_dropins, _rope_patch  # noqa: E402
 from posenc_triton.integrations import transformers as hf  # noqa: E402
