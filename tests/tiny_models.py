@@ -71,6 +71,11 @@ OVERRIDES = {
     **{key: {"encoder_hidden_size": 2, "quantization_dim": 128,  # (its channels double 5x)
              "num_key_value_heads": 4}  # (its eager attention repeats no kv)
        for key in ("xcodec2", "neucodec")},
+    "pi05": lambda c: (setattr(c, "chunk_size", 4),  # (four action tokens)
+                       setattr(c.vlm_config, "image_token_id", 127),  # inside the tiny vocab
+                       setattr(c.vlm_config, "projection_dim", 64),  # the text width
+                       setattr(c.vlm_config.vision_config, "projection_dim", 64),
+                       setattr(c.vlm_config.vision_config, "image_size", 32)),  # 4 patches
     "mimi": {"upsample_groups": 64, "num_filters": 8},  # (a group per channel: hidden 64)
     "csm": {"text_vocab_size": 128, "num_codebooks": 4, "codebook_pad_token_id": 127},
     "csm_depth_decoder_model": {"num_codebooks": 4, "backbone_hidden_size": 64},
@@ -130,24 +135,27 @@ def _shrink(config, model_type=None):
 def build(model_type, generating=False):
     """``(model, None)`` tiny and fp32, or ``(None, why it cannot be checked here)``; with
     ``generating``, the class with a language-model head (a VLM's conditional generation)."""
-    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        auto = transformers.AutoModelForCausalLM
-    elif generating and model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        auto = transformers.AutoModelForImageTextToText
-    elif not generating and model_type in modeling_auto.MODEL_MAPPING_NAMES:
-        auto = transformers.AutoModel
-    else:
+    auto_lm = transformers.AutoModelForCausalLM
+    mappings = [(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto_lm)]
+    mappings.append((modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                     transformers.AutoModelForImageTextToText) if generating
+                    else (modeling_auto.MODEL_MAPPING_NAMES, transformers.AutoModel))
+    names, auto = next(((m, a) for m, a in mappings if model_type in m), (None, None))
+    if auto is None:
         return None, ("no generating class" if generating
                       else "a sub-configuration: no model class of its own")
     try:
         config = _shrink(CONFIG_MAPPING[model_type](), model_type)
+        make = auto.from_config
+        if type(config) not in auto._model_mapping:  # a config class of two model types: the
+            make = getattr(transformers, names[model_type])._from_config  # auto one refuses it
         with torch.device("meta"):
-            meta = auto.from_config(config)
+            meta = make(config)
         size = sum(p.numel() for p in meta.parameters())
         if size > MAX_PARAMS:
             return None, f"the generic shrinker leaves {size / 1e6:.0f}M parameters"
         torch.manual_seed(0)
-        model = auto.from_config(config, attn_implementation="eager").to(DEVICE).float().eval()
+        model = make(config, attn_implementation="eager").to(DEVICE).float().eval()
     except Exception as e:
         return None, f"cannot be built from its config alone: {type(e).__name__}: {e}"[:200]
     return model, None
@@ -182,6 +190,20 @@ INPUTS = {
     "csm": lambda model, gen, kw: {
         "input_ids": torch.randint(3, 128, (2, SEQLEN), generator=gen),
         "attention_mask": _padded_mask(2, SEQLEN)},
+    # Evolla: a protein sequence (its SaProt encoder rotates too) beside the text.
+    "evolla": lambda model, gen, kw: dict(
+        kw, protein_input_ids=torch.randint(3, 128, (2, SEQLEN), generator=gen),
+        protein_attention_mask=torch.ones(2, SEQLEN, dtype=torch.long)),
+    # PI-0.5: a camera image's 4 patch tokens and a prompt into the VLM; 4 action tokens and a
+    # flow-matching time embedding into its action expert.
+    "pi05": lambda model, gen, kw: {
+        "input_ids": torch.cat((torch.full((2, 4), 127),
+                                torch.randint(3, 127, (2, SEQLEN - 4), generator=gen)), 1),
+        "attention_mask": torch.ones(2, SEQLEN, dtype=torch.long),
+        "pixel_values": torch.randn(2, 1, 3, 32, 32, generator=gen),
+        "pixel_attention_mask": torch.ones(2, 1, dtype=torch.bool),
+        "action_embeds": torch.randn(2, 4, model.config.dit_config.hidden_size, generator=gen),
+        "timestep_embeds": torch.randn(2, model.config.dit_config.hidden_size, generator=gen)},
     # The codecs: a waveform of SEQLEN code frames and its semantic features, frame by frame.
     **{key: lambda model, gen, kw: {
         "input_values": torch.randn(
