@@ -124,16 +124,24 @@ class RopeFunction(torch.autograd.Function):
         call_rope(q_out, k_out, q, k, cos, sin, position_ids, seqlen_offsets, offset,
                   interleaved, False)
         ctx.save_for_backward(cos, sin, position_ids, seqlen_offsets)
-        ctx.offset, ctx.interleaved, ctx.has_k = offset, interleaved, k is not None
+        ctx.offset, ctx.interleaved = offset, interleaved
+        # An output nothing reads (a last layer's query when only keys and values are cached)
+        # gets no gradient, as unfused: its input's stays None, not zeros an optimizer would
+        # apply weight decay and momentum to.
+        ctx.set_materialize_grads(False)
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin, position_ids, seqlen_offsets = ctx.saved_tensors
-        dq = torch.empty_like(grad_q)
-        dk = torch.empty_like(grad_k) if ctx.has_k else None
-        call_rope(dq, dk, grad_q, grad_k if ctx.has_k else None, cos, sin, position_ids,
-                  seqlen_offsets, ctx.offset, ctx.interleaved, True)
+        grads = [g for g in (grad_q, grad_k) if g is not None]
+        outs = [torch.empty_like(g) for g in grads]
+        if grads:
+            call_rope(outs[0], outs[1] if len(outs) > 1 else None, grads[0],
+                      grads[1] if len(grads) > 1 else None, cos, sin, position_ids,
+                      seqlen_offsets, ctx.offset, ctx.interleaved, True)
+        dq = None if grad_q is None else outs[0]
+        dk = None if grad_k is None else outs[-1]
         return dq, dk, None, None, None, None, None, None
 
 

@@ -88,13 +88,6 @@ def check(model_type, calls) -> str:
         got, want = got[keep.bool()], want[keep.bool()]
     err = (got - want).abs().max() / want.abs().max().clamp_min(1e-30)
     assert err.item() <= 1e-5, (model_type, err.item())
-    # A parameter whose output nothing reads (PI-0.5's last VLM query projection: only its
-    # keys and values are cached) has no gradient unpatched and a zero one through the fused
-    # q/k function, whose backward returns both: the same update.
-    for name in p_grads.keys() ^ grads.keys():
-        only = p_grads.get(name, grads.get(name))
-        assert not only.any(), (model_type, name, "a nonzero gradient on one side only")
-        p_grads.pop(name, None), grads.pop(name, None)
     assert_grads_close(p_grads, grads, floor=1e-12, where=model_type)
     return "verified"
 

@@ -159,6 +159,39 @@ def test_inplace_backward():
     assert_close(grad, want)
 
 
+@pytest.mark.parametrize("read", ["q", "k"])
+def test_an_output_nothing_reads_gets_no_gradient(read):
+    """As unfused: the input of an unread output (a last layer's query when only keys and
+    values are cached) keeps ``grad is None``, not zeros an optimizer would decay; the other's
+    gradient is the reference's."""
+    cos, sin = tables(32)
+    q, k = make((2, 7, 4, 32), torch.float32), make((2, 7, 2, 32), torch.float32)
+    q_out, k_out = posenc_triton.apply_rope(q, k, cos, sin)
+    used, unused = (q, k) if read == "q" else (k, q)
+    ((q_out if read == "q" else k_out).square().sum()).backward()
+    assert unused.grad is None
+    x64 = used.detach().double().requires_grad_()
+    ref = reference.apply_rope_reference(x64, None, cos, sin)[0]
+    (want,) = torch.autograd.grad(ref.square().sum(), x64)
+    assert_close(used.grad, want)
+
+
+def test_torch_compile_an_output_nothing_reads():
+    torch._dynamo.reset()
+    cos, sin = tables(32)
+    q, k = make((2, 6, 3, 32), torch.float32), make((2, 6, 1, 32), torch.float32)
+
+    def step(q, k):
+        return posenc_triton.apply_rope(q, k, cos, sin)[1].square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k), (q, k), allow_unused=True)
+    want = torch.autograd.grad(step(q, k), (q, k), allow_unused=True)
+    assert want[0] is None
+    torch.testing.assert_close(got[1], want[1])
+    assert got[0] is None or not got[0].any()  # (AOTAutograd materialises zeros)
+
+
 def test_expanded_gradient():
     # .sum() hands backward a stride-0 gradient: the kernel must read it through its strides.
     cos, sin = tables(64)
