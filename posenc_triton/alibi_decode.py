@@ -150,8 +150,7 @@ def launch_alibi_decode(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seql
     kmax, stride_xb = alibi_skip.key_norm_args(skip, slopes, k, key_padding_mask, cu_seqlens_k,
                                                cache_seqlens)
     grid = (m_blocks * num_splits, num_kv_heads, batch)
-    buffer = slopes if counts is None else alibi_skip.count_buffer(  # (stand-in: unread)
-        grid[0] * grid[1] * grid[2], q.device)
+    buffer = alibi_skip.count_buffer(counts is not None, slopes, grid[0] * grid[1] * grid[2])
     with _backend.device_guard(q):
         split = alibi_launch.launchable(kern.alibi_decode_split_kernel, wrap)
         split[grid](

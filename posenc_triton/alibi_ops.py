@@ -107,9 +107,9 @@ def launch_alibi_fwd(q, k, v, slopes, key_padding_mask, cu_seqlens_q, cu_seqlens
         mask, stride_mb, stride_mn = alibi_launch.key_mask_args(key_padding_mask, slopes)
         kmax, stride_xb = alibi_skip.key_norm_args(skip, slopes, k, key_padding_mask,
                                                    cu_seqlens_k)
-        buffer = slopes if counts is None else alibi_skip.count_buffer(  # (stand-in: unread)
-            _backend.cdiv(seqlen_q, alibi_configs.min_block_m("fwd")) * num_heads * batch,
-            q.device)
+        buffer = alibi_skip.count_buffer(
+            counts is not None, slopes,
+            _backend.cdiv(seqlen_q, alibi_configs.min_block_m("fwd")) * num_heads * batch)
         with _backend.device_guard(q):
             alibi_launch.launchable(fwd, wrap)[grid](
                 q, k, v, out, lse, slopes, mask,
@@ -187,13 +187,11 @@ def launch_alibi_bwd(grad_out, q, k, v, slopes, key_padding_mask, cu_seqlens_q, 
     lim = torch.empty(lse_bias.shape, dtype=torch.int32, device=q.device) if skip else slopes
     bounds = lim
     count = counts is not None
-    dq_counts = dkdv_counts = slopes
-    if count:
-        dq_counts = alibi_skip.count_buffer(
-            _backend.cdiv(seqlen_q, alibi_configs.min_block_m()) * num_heads * batch, q.device)
-        dkdv_counts = alibi_skip.count_buffer(
-            _backend.cdiv(seqlen_k, alibi_configs.min_block_n()) * num_kv_heads * batch,
-            q.device)
+    dq_counts = alibi_skip.count_buffer(
+        count, slopes, _backend.cdiv(seqlen_q, alibi_configs.min_block_m()) * num_heads * batch)
+    dkdv_counts = alibi_skip.count_buffer(
+        count, slopes,
+        _backend.cdiv(seqlen_k, alibi_configs.min_block_n()) * num_kv_heads * batch)
     with _backend.device_guard(q):
         if varlen:
             seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k

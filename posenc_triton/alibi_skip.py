@@ -94,10 +94,12 @@ def dkdv_query_bounds(lim: torch.Tensor, num_keys: int, is_causal: bool) -> torc
     return torch.stack(bounds)
 
 
-def count_buffer(programs: int, device) -> torch.Tensor:
+def count_buffer(count: bool, standin: torch.Tensor, programs: int) -> torch.Tensor:
     """Zeroed int32 ``[programs, 2]`` for the kernels' ``COUNTS`` (programs that return early
-    count nothing)."""
-    return torch.zeros((programs, 2), dtype=torch.int32, device=device)
+    count nothing), or a never-read stand-in (``COUNT`` off)."""
+    if not count:
+        return standin
+    return torch.zeros((programs, 2), dtype=torch.int32, device=standin.device)
 
 
 def counted(buffer: torch.Tensor) -> tuple:

@@ -134,14 +134,15 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin, position_ids, seqlen_offsets = ctx.saved_tensors
-        grads = [g for g in (grad_q, grad_k) if g is not None]
-        outs = [torch.empty_like(g) for g in grads]
-        if grads:
-            call_rope(outs[0], outs[1] if len(outs) > 1 else None, grads[0],
-                      grads[1] if len(grads) > 1 else None, cos, sin, position_ids,
+        # The kernel's first slot is required: a lone k gradient is rotated in it.
+        first, second = (grad_q, grad_k) if grad_q is not None else (grad_k, None)
+        d_first = d_second = None
+        if first is not None:
+            d_first = torch.empty_like(first)
+            d_second = None if second is None else torch.empty_like(second)
+            call_rope(d_first, d_second, first, second, cos, sin, position_ids,
                       seqlen_offsets, ctx.offset, ctx.interleaved, True)
-        dq = None if grad_q is None else outs[0]
-        dk = None if grad_k is None else outs[-1]
+        dq, dk = (d_first, d_second) if grad_q is not None else (None, d_first)
         return dq, dk, None, None, None, None, None, None
 
 

@@ -238,7 +238,7 @@ def inputs(model):
         if "decoder_input_ids" in params:  # an encoder-decoder: the decoder reads the same ids
             kwargs.update(decoder_input_ids=ids, decoder_attention_mask=keep)
     elif special is not None:
-        pass
+        pass  # (a type of INPUTS: its builder makes everything it takes)
     elif "input_features" in params:  # an audio encoder: log-mel frames
         bins = _config_value(model, "num_mel_bins", "feature_size", "input_feat_size")
         kwargs["input_features"] = torch.randn(2, 8 * SEQLEN, bins, generator=gen)
